@@ -1,0 +1,47 @@
+# dlrm-serve: every target installs what it needs first.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: setup test serve stop train java bench-model bench-serve bench-backends bench-scale clean
+
+setup: $(STAMP)
+
+$(STAMP): requirements.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade --quiet pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet --no-deps -e .
+	touch $@
+
+java:
+	@bash scripts/ensure_java.sh
+
+test: setup java
+	$(PY) -m pytest tests
+
+train: setup
+	$(VENV)/bin/dlrm-serve train --out artifacts
+
+serve: setup java
+	@bash scripts/serve.sh
+
+stop:
+	@if [ -x $(VENV)/bin/torchserve ]; then $(VENV)/bin/torchserve --stop; else echo "nothing to stop: no .venv"; fi
+
+bench-model: setup
+	$(PY) bench/bench_model.py
+
+bench-serve: setup java
+	$(PY) bench/bench_serve.py
+
+bench-backends: setup java
+	$(PY) bench/bench_backends.py
+
+bench-scale: setup java
+	$(PY) bench/bench_scale.py
+
+clean:
+	rm -rf model_store/*.mar logs key_file.json .pytest_cache

@@ -1,0 +1,138 @@
+"""The ``dlrm-serve`` command line.
+
+Each subcommand is registered by one ``_add_*`` function below and runs a
+library function; nothing here holds logic of its own.  Errors of the
+:class:`~dlrm_serve.errors.DLRMServeError` family print their message and
+exit 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable
+
+from .errors import DLRMServeError
+
+__all__ = ["main", "build_parser"]
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="train a DLRM (on synthetic data when no --data is given)")
+    p.add_argument("--data", nargs="*", default=None, help="Criteo TSV files (.gz ok) to train on")
+    p.add_argument("--test-data", nargs="*", default=None, help="held-out Criteo TSV files (default: the last 10%% of --data)")
+    p.add_argument("--out", default="artifacts", help="artifacts folder to write (default: artifacts)")
+    p.add_argument("--preset", default="demo", help="architecture preset (demo, criteo-kaggle, criteo-terabyte)")
+    p.add_argument("--config", default=None, help="a dlrm.json to train instead of a preset")
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--rows", type=int, default=None, help="synthetic rows to generate (training + test)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data-dir", default="data", help="where synthetic data is written (default: data)")
+
+    def run(args):
+        from .train import train_command
+
+        train_command(args)
+
+    p.set_defaults(func=run)
+
+
+def _add_generate(sub) -> None:
+    p = sub.add_parser("generate", help="write synthetic Criteo-format TSV from a planted click model")
+    p.add_argument("--out", required=True, help="TSV file to write (.gz to compress)")
+    p.add_argument("--rows", type=int, default=100_000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--oracle", default=None, help="also write the true click probability of each row here")
+    p.add_argument("--no-label", action="store_true", help="write 39-field lines without the label")
+
+    def run(args):
+        from .data import generate_command
+
+        generate_command(args)
+
+    p.set_defaults(func=run)
+
+
+def _add_score(sub) -> None:
+    p = sub.add_parser("score", help="score a Criteo TSV or JSON-lines file offline, one probability per line")
+    p.add_argument("input", help="Criteo TSV (labelled or not, .gz ok) or JSON lines of instances")
+    p.add_argument("--artifacts", default="artifacts")
+    p.add_argument("--out", required=True, help="output file, one probability per line")
+    p.add_argument("--backend", default="torch", help="torch or onnxruntime")
+    p.add_argument("--batch-rows", type=int, default=4096)
+
+    def run(args):
+        from .score import score_command
+
+        score_command(args)
+
+    p.set_defaults(func=run)
+
+
+def _add_import(sub) -> None:
+    p = sub.add_parser("import-checkpoint", help="import a facebookresearch/dlrm --save-model checkpoint")
+    p.add_argument("checkpoint")
+    p.add_argument("--out", required=True)
+    p.add_argument("--dense-transform", choices=["log1p", "none"], default="log1p")
+    p.add_argument("--loss-threshold", type=float, default=0.0)
+
+    def run(args):
+        from .reference import import_checkpoint
+
+        cfg = import_checkpoint(args.checkpoint, args.out, args.dense_transform, args.loss_threshold)
+        print(
+            f"wrote {args.out}: {cfg.num_dense} dense, {cfg.num_sparse} categorical features, "
+            f"dim {cfg.embedding_dim}, {cfg.total_rows} table rows, interaction {cfg.interaction}"
+            f"{' (self)' if cfg.self_interaction else ''}"
+        )
+
+    p.set_defaults(func=run)
+
+
+def _add_check(sub) -> None:
+    p = sub.add_parser("check", help="check that artifacts exist and their shapes agree with the config")
+    p.add_argument("--artifacts", default="artifacts")
+
+    def run(args):
+        from .artifacts import check_artifacts
+
+        cfg = check_artifacts(args.artifacts)
+        print(
+            f"{args.artifacts}: ok ({cfg.num_dense} dense, {cfg.num_sparse} tables, "
+            f"{cfg.total_rows} rows x {cfg.embedding_dim}, {cfg.table_dtype})"
+        )
+
+    p.set_defaults(func=run)
+
+
+# Subcommands of later features register here, one function each.
+REGISTRY: list[Callable] = [_add_train, _add_generate, _add_score, _add_import, _add_check]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dlrm-serve", description="Train, package, serve and call a DLRM click-through-rate model."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in REGISTRY:
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except DLRMServeError as e:
+        print(f"dlrm-serve {args.command}: {e.message}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, IsADirectoryError) as e:
+        print(f"dlrm-serve {args.command}: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

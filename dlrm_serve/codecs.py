@@ -1,0 +1,293 @@
+"""Request bytes <-> raw rows, for every wire format.  numpy only.
+
+Formats (all end in :class:`~dlrm_serve.features.FeatureEncoder`):
+
+- JSON (``application/json``): one instance, ``{"instances": [...]}``.
+- Criteo TSV (``text/tab-separated-values``, ``text/plain``): one row per
+  line, ``num_dense + num_sparse`` fields, or one more with the label first.
+- Binary (``application/x-dlrm``), little-endian, for high-throughput clients::
+
+      offset  type        field
+      0       4 bytes     magic b"DLRM"
+      4       uint8       version (1)
+      5       uint8       flags: bit 0 set = bag lengths follow (multi-hot)
+      6       uint16      reserved, 0
+      8       uint32      B, rows
+      12      uint16      num_dense
+      14      uint16      num_sparse (F)
+      16      uint32      N, number of ids
+      20      uint32      reserved, 0
+      24      float32     dense[B * num_dense], raw values, NaN = missing
+      ...     int32       lengths[B * F], only when flag bit 0 is set
+      ...     int64       ids[N], local row ids per table, bag by bag
+
+  Without lengths every bag holds one id and ``N == B * F``.  Categorical
+  strings are hashed by the client with the same code the server uses
+  (:meth:`FeatureEncoder.raw_columns`), so decoding is a few ``frombuffer``
+  calls and a range check.
+
+Bodies without a content type (gRPC's ``data`` input) are sniffed: the
+binary magic, else JSON when the first non-blank byte is ``{`` or ``[``, else
+TSV text.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from typing import Any, Sequence
+
+import numpy as np
+
+from .errors import InvalidInput
+from .features import FeatureBatch, FeatureEncoder, RawBatch
+
+__all__ = [
+    "MAX_ROWS",
+    "MAGIC",
+    "BINARY_CONTENT_TYPE",
+    "JSON_CONTENT_TYPE",
+    "TSV_CONTENT_TYPE",
+    "decode_request",
+    "decode_json",
+    "decode_tsv",
+    "decode_binary",
+    "encode_binary",
+    "split_tsv",
+    "sniff",
+    "predictions_body",
+]
+
+# Most rows one request may carry; bigger inputs are split by the client.
+MAX_ROWS = 8192
+
+MAGIC = b"DLRM"
+VERSION = 1
+_HEADER = struct.Struct("<4sBBHIHHII")
+BINARY_CONTENT_TYPE = "application/x-dlrm"
+JSON_CONTENT_TYPE = "application/json"
+TSV_CONTENT_TYPE = "text/tab-separated-values"
+_TEXT_TYPES = ("text/tab-separated-values", "text/plain", "text/tsv")
+_BINARY_TYPES = (BINARY_CONTENT_TYPE, "application/octet-stream")
+
+
+def _check_count(n: int, max_rows: int) -> None:
+    if n == 0:
+        raise InvalidInput("the request holds no rows")
+    if n > max_rows:
+        raise InvalidInput(
+            f"the request holds {n} rows; at most {max_rows} are accepted per request "
+            "(split the input; the dlrm-serve client does this for you)"
+        )
+
+
+# ----- JSON ---------------------------------------------------------------------
+def decode_json(obj: Any, encoder: FeatureEncoder, max_rows: int = MAX_ROWS) -> FeatureBatch:
+    """A decoded JSON body -> model inputs."""
+    return encoder.finish(raw_json(obj, encoder, max_rows))
+
+
+def raw_json(obj: Any, encoder: FeatureEncoder, max_rows: int = MAX_ROWS) -> RawBatch:
+    if isinstance(obj, dict) and "instances" in obj:
+        extra = sorted(set(obj) - {"instances"})
+        if extra:
+            raise InvalidInput(f"unexpected keys {extra} next to 'instances'")
+        instances = obj["instances"]
+        if not isinstance(instances, list):
+            raise InvalidInput(f"'instances' must be a list of instances, got {type(instances).__name__}")
+        if not instances:
+            raise InvalidInput("'instances' is empty: send at least one instance")
+        _check_count(len(instances), max_rows)
+        return encoder.raw_instances(instances)
+    if isinstance(obj, dict):
+        return encoder.raw_instances([obj])
+    raise InvalidInput(
+        "the JSON body must be an object: one instance, or {\"instances\": [...]} for a batch"
+    )
+
+
+def _parse_json(data: bytes | str) -> Any:
+    try:
+        return json.loads(data)
+    except UnicodeDecodeError:
+        raise InvalidInput("the body is not valid UTF-8") from None
+    except json.JSONDecodeError as e:
+        raise InvalidInput(f"invalid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+    except RecursionError:
+        raise InvalidInput("invalid JSON: nested too deeply") from None
+
+
+# ----- TSV ----------------------------------------------------------------------
+def split_tsv(
+    lines: Sequence[str], num_dense: int, num_sparse: int, *, first_row: int = 0
+) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
+    """Criteo lines -> ``(labels, dense, sparse)`` as text arrays.
+
+    Each line has ``num_dense + num_sparse`` tab-separated fields, or one
+    more with the label first; all lines of a call must agree.  Returns
+    ``labels`` (int8 ``[B]``, or ``None`` when unlabelled), ``dense`` str
+    ``[B, num_dense]`` and ``sparse`` str ``[B, num_sparse]`` (``""`` = missing).
+    ``first_row`` numbers the rows in error messages.
+    """
+    width = num_dense + num_sparse
+    rows = [line.rstrip("\r\n").split("\t") for line in lines]
+    if not rows:
+        raise InvalidInput("no Criteo lines")
+    n0 = len(rows[0])
+    if n0 not in (width, width + 1):
+        raise InvalidInput(
+            f"a Criteo line has {width} fields ({num_dense} integer, {num_sparse} categorical) "
+            f"or {width + 1} with the label first; got {n0}",
+            row=first_row,
+        )
+    for i, r in enumerate(rows):
+        if len(r) != n0:
+            raise InvalidInput(
+                f"has {len(r)} tab-separated fields but the first line has {n0}; "
+                f"expected {width}, or {width + 1} with the label first",
+                row=first_row + i,
+            )
+    table = np.array(rows, dtype=np.str_)
+    labels = None
+    if n0 == width + 1:
+        lab = table[:, 0]
+        ok = (lab == "0") | (lab == "1")
+        if not ok.all():
+            i = int(np.argmax(~ok))
+            raise InvalidInput(f"label must be 0 or 1, got {str(lab[i])[:40]!r}", row=first_row + i, field="label")
+        labels = (lab == "1").astype(np.int8)
+        table = table[:, 1:]
+    return labels, table[:, :num_dense], table[:, num_dense:]
+
+
+def raw_tsv(text: str, encoder: FeatureEncoder, max_rows: int = MAX_ROWS) -> RawBatch:
+    lines = [ln for ln in text.split("\n") if ln.strip("\r")]
+    if not lines:
+        raise InvalidInput("the body is empty: send one Criteo line per row")
+    _check_count(len(lines), max_rows)
+    _, dense, sparse = split_tsv(lines, encoder.num_dense, encoder.num_sparse)
+    return encoder.raw_columns(dense, sparse)
+
+
+def decode_tsv(text: str, encoder: FeatureEncoder, max_rows: int = MAX_ROWS) -> FeatureBatch:
+    """Criteo TSV text -> model inputs (labels ignored)."""
+    return encoder.finish(raw_tsv(text, encoder, max_rows))
+
+
+# ----- binary -------------------------------------------------------------------
+def encode_binary(raw: RawBatch) -> bytes:
+    """A :class:`RawBatch` (e.g. from ``encoder.raw_columns``) as the binary format."""
+    dense = np.ascontiguousarray(raw.dense, dtype="<f4")
+    b, nd = dense.shape
+    ids = np.ascontiguousarray(raw.ids, dtype="<i8")
+    flags = 0
+    parts = []
+    if raw.lengths is not None:
+        flags |= 1
+        parts.append(np.ascontiguousarray(raw.lengths, dtype="<i4").tobytes())
+        nf = raw.lengths.shape[0] // max(b, 1)
+    else:
+        nf = ids.shape[0] // max(b, 1)
+    header = _HEADER.pack(MAGIC, VERSION, flags, 0, b, nd, nf, ids.shape[0], 0)
+    return b"".join([header, dense.tobytes(), *parts, ids.tobytes()])
+
+
+def raw_binary(data: bytes | bytearray | memoryview, encoder: FeatureEncoder, max_rows: int = MAX_ROWS) -> RawBatch:
+    buf = memoryview(data)
+    if len(buf) < _HEADER.size:
+        raise InvalidInput(f"binary body of {len(buf)} bytes is shorter than the {_HEADER.size}-byte header")
+    magic, version, flags, _, b, nd, nf, n, _ = _HEADER.unpack_from(buf, 0)
+    if magic != MAGIC:
+        raise InvalidInput(f"binary body does not start with the magic {MAGIC!r}")
+    if version != VERSION:
+        raise InvalidInput(f"binary format version {version} is not supported (this server reads {VERSION})")
+    if flags & ~1:
+        raise InvalidInput(f"binary header has unknown flags {flags:#x}")
+    if nd != encoder.num_dense or nf != encoder.num_sparse:
+        raise InvalidInput(
+            f"binary header says {nd} dense and {nf} categorical features; "
+            f"this model has {encoder.num_dense} and {encoder.num_sparse}"
+        )
+    _check_count(b, max_rows)
+    has_lengths = bool(flags & 1)
+    if not has_lengths and n != b * nf:
+        raise InvalidInput(f"binary header says {n} ids, but {b} rows x {nf} features need {b * nf}")
+    expected = _HEADER.size + 4 * b * nd + (4 * b * nf if has_lengths else 0) + 8 * n
+    if len(buf) != expected:
+        raise InvalidInput(f"binary body has {len(buf)} bytes; its header implies {expected}")
+    pos = _HEADER.size
+    dense = np.frombuffer(buf, dtype="<f4", count=b * nd, offset=pos).reshape(b, nd)
+    pos += 4 * b * nd
+    lengths = None
+    if has_lengths:
+        lengths = np.frombuffer(buf, dtype="<i4", count=b * nf, offset=pos)
+        pos += 4 * b * nf
+    ids = np.frombuffer(buf, dtype="<i8", count=n, offset=pos)
+    return encoder.raw_arrays(dense, ids, lengths)
+
+
+def decode_binary(data: bytes | bytearray | memoryview, encoder: FeatureEncoder, max_rows: int = MAX_ROWS) -> FeatureBatch:
+    """The binary format -> model inputs."""
+    return encoder.finish(raw_binary(data, encoder, max_rows))
+
+
+# ----- dispatch -----------------------------------------------------------------
+def sniff(data: bytes | bytearray) -> str:
+    """The format of a body that came without a content type: json, binary or tsv."""
+    if bytes(data[:4]) == MAGIC:
+        return "binary"
+    head = bytes(data[:64]).lstrip()
+    if head[:1] in (b"{", b"["):
+        return "json"
+    return "tsv"
+
+
+def _text(data: bytes | bytearray | str) -> str:
+    if isinstance(data, str):
+        return data
+    try:
+        return bytes(data).decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InvalidInput(f"the body is not valid UTF-8 text (bad byte at offset {e.start})") from None
+
+
+def decode_request(
+    body: Any, content_type: str | None, encoder: FeatureEncoder, max_rows: int = MAX_ROWS
+) -> FeatureBatch:
+    """One request body, as TorchServe hands it over, -> model inputs.
+
+    ``body`` is a decoded JSON value (dict/list), ``str`` or bytes.
+    ``content_type`` may be ``None`` (gRPC), in which case bytes are sniffed.
+    """
+    ctype = (content_type or "").split(";")[0].strip().lower()
+    if isinstance(body, (dict, list)):
+        return decode_json(body, encoder, max_rows)
+    if body is None or (isinstance(body, (bytes, bytearray, str)) and len(body) == 0):
+        raise InvalidInput("the body is empty: send JSON, Criteo TSV lines or the binary format")
+    if not isinstance(body, (bytes, bytearray, str, memoryview)):
+        raise InvalidInput(f"unsupported body of type {type(body).__name__}")
+    if ctype in ("", "application/x-www-form-urlencoded"):
+        kind = sniff(body.encode() if isinstance(body, str) else body)
+    elif ctype == JSON_CONTENT_TYPE or ctype.endswith("+json"):
+        kind = "json"
+    elif ctype in _TEXT_TYPES:
+        kind = "tsv"
+    elif ctype in _BINARY_TYPES:
+        kind = "binary"
+    else:
+        raise InvalidInput(
+            f"unsupported content type {ctype!r}; send application/json, "
+            f"text/tab-separated-values (or text/plain) or {BINARY_CONTENT_TYPE}"
+        )
+    if kind == "binary":
+        if isinstance(body, str):
+            raise InvalidInput("a binary body arrived as text; send it as application/x-dlrm bytes")
+        return decode_binary(body, encoder, max_rows)
+    if kind == "json":
+        return decode_json(_parse_json(body), encoder, max_rows)
+    return decode_tsv(_text(body), encoder, max_rows)
+
+
+def predictions_body(probabilities: np.ndarray) -> dict:
+    """The JSON answer: ``{"predictions": [p, ...]}`` (float32 values, exact)."""
+    return {"predictions": [float(p) for p in np.asarray(probabilities, dtype=np.float32)]}

@@ -1,0 +1,195 @@
+"""DLRM as one small module per stage.
+
+Shapes: ``B`` batch size, ``F`` categorical features (tables), ``D``
+embedding dim, ``N`` ids in the batch, ``R`` rows of all tables together,
+``I`` interaction width.
+
+    dense [B, num_dense] --DenseArch-->        [B, D] --+
+                                                          +--InteractionArch--> [B, I] --OverArch--> p [B]
+    indices [N], offsets --SparseArch--> [B, F, D] ------+
+
+The tables live in one concatenated ``[R, D]`` tensor with per-table row
+offsets (applied by :mod:`dlrm_serve.features`), so all lookups are one
+gather or one ``embedding_bag`` with no Python loop per table.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import DLRMConfig
+
+__all__ = ["DenseArch", "SparseArch", "InteractionArch", "OverArch", "DLRM", "mlp_layers"]
+
+
+def mlp_layers(widths: list[int] | tuple[int, ...], in_width: int, last_relu: bool) -> nn.Sequential:
+    """Linear layers at even indices, ReLU at odd ones (the reference's layout)."""
+    layers: list[nn.Module] = []
+    prev = in_width
+    for i, w in enumerate(widths):
+        lin = nn.Linear(prev, w)
+        # The reference's initialisation: N(0, sqrt(2/(fan_in+fan_out))), bias N(0, sqrt(1/fan_out)).
+        with torch.no_grad():
+            lin.weight.normal_(0.0, math.sqrt(2.0 / (prev + w)))
+            lin.bias.normal_(0.0, math.sqrt(1.0 / w))
+        layers.append(lin)
+        if i < len(widths) - 1 or last_relu:
+            layers.append(nn.ReLU())
+        prev = w
+    return nn.Sequential(*layers)
+
+
+class DenseArch(nn.Module):
+    """Bottom MLP: dense ``[B, num_dense]`` -> ``[B, D]`` (ReLU after every layer)."""
+
+    def __init__(self, num_dense: int, widths: tuple[int, ...]):
+        super().__init__()
+        if num_dense <= 0:
+            raise ValueError(f"num_dense must be positive, got {num_dense}")
+        self.mlp = mlp_layers(widths, num_dense, last_relu=True)
+
+    def forward(self, dense: torch.Tensor) -> torch.Tensor:
+        return self.mlp(dense)
+
+
+class SparseArch(nn.Module):
+    """Sum-pooled lookups: ids ``[N]`` (+ bag offsets ``[B*F+1]``) -> ``[B, F, D]``.
+
+    ``offsets=None`` means one id per bag (``N == B*F``), a plain gather.
+    With ``table_dtype="int8"`` the table is stored row-wise quantised:
+    ``codes`` uint8 ``[R, D]`` and ``scale_bias`` float32 ``[R, 2]``, a row
+    being ``codes * scale + bias``.
+    """
+
+    def __init__(self, total_rows: int, num_tables: int, dim: int, table_dtype: str = "float32"):
+        super().__init__()
+        if total_rows <= 0 or num_tables <= 0 or dim <= 0:
+            raise ValueError(
+                f"SparseArch needs positive sizes, got rows={total_rows} tables={num_tables} dim={dim}"
+            )
+        self.num_tables = num_tables
+        self.dim = dim
+        self.table_dtype = table_dtype
+        # Sparse gradients keep a training step's cost proportional to the ids it touches.
+        self.sparse_grad = False
+        if table_dtype == "float32":
+            self.weight = nn.Parameter(torch.empty(total_rows, dim))
+        elif table_dtype == "int8":
+            self.register_buffer("codes", torch.zeros(total_rows, dim, dtype=torch.uint8))
+            self.register_buffer("scale_bias", torch.zeros(total_rows, 2))
+        else:
+            raise ValueError(f"table_dtype must be 'float32' or 'int8', got {table_dtype!r}")
+
+    def init_uniform(self, table_sizes: tuple[int, ...], generator: torch.Generator | None = None) -> None:
+        """Reference initialisation: U(-1/sqrt(n), 1/sqrt(n)) for a table of n rows."""
+        if self.table_dtype != "float32":
+            raise ValueError("only float32 tables are initialised; quantise after training")
+        with torch.no_grad():
+            start = 0
+            for n in table_sizes:
+                bound = 1.0 / math.sqrt(n)
+                self.weight[start : start + n].uniform_(-bound, bound, generator=generator)
+                start += n
+
+    def _rows(self, indices: torch.Tensor) -> torch.Tensor:
+        codes = self.codes.index_select(0, indices)
+        sb = self.scale_bias.index_select(0, indices)
+        return codes.to(torch.float32) * sb[:, :1] + sb[:, 1:]
+
+    def forward(self, indices: torch.Tensor, offsets: torch.Tensor | None, batch_size: int) -> torch.Tensor:
+        f, d = self.num_tables, self.dim
+        if self.table_dtype == "float32":
+            if offsets is None:
+                if self.sparse_grad:
+                    pooled = F.embedding(indices, self.weight, sparse=True)
+                else:
+                    pooled = self.weight.index_select(0, indices)
+            else:
+                pooled = F.embedding_bag(
+                    indices, self.weight, offsets, mode="sum", sparse=self.sparse_grad, include_last_offset=True
+                )
+        else:
+            rows = self._rows(indices)
+            if offsets is None:
+                pooled = rows
+            else:
+                lengths = offsets[1:] - offsets[:-1]
+                bags = torch.repeat_interleave(torch.arange(lengths.shape[0]), lengths)
+                pooled = torch.zeros(lengths.shape[0], d, dtype=rows.dtype).index_add_(0, bags, rows)
+        return pooled.view(batch_size, f, d)
+
+
+class InteractionArch(nn.Module):
+    """Feature interaction: dense ``[B, D]`` and sparse ``[B, F, D]`` -> ``[B, I]``.
+
+    ``dot``: the bottom output followed by the pairwise dot products of the
+    F+1 vectors, lower triangle in the reference's order (row i, then
+    column j < i, or j <= i with self-interaction).  ``cat``: all F+1
+    vectors concatenated.
+    """
+
+    def __init__(self, num_tables: int, dim: int, op: str = "dot", self_interaction: bool = False):
+        super().__init__()
+        if op not in ("dot", "cat"):
+            raise ValueError(f"interaction must be 'dot' or 'cat', got {op!r}")
+        self.op = op
+        n = num_tables + 1
+        extra = 1 if self_interaction else 0
+        flat = [i * n + j for i in range(n) for j in range(i + extra)]
+        self.register_buffer("pairs", torch.tensor(flat, dtype=torch.long), persistent=False)
+
+    def forward(self, dense: torch.Tensor, sparse: torch.Tensor) -> torch.Tensor:
+        b, d = dense.shape
+        if self.op == "cat":
+            return torch.cat([dense, sparse.reshape(b, -1)], dim=1)
+        t = torch.cat([dense.unsqueeze(1), sparse], dim=1)  # [B, F+1, D]
+        z = torch.bmm(t, t.transpose(1, 2))  # [B, F+1, F+1]
+        return torch.cat([dense, z.reshape(b, -1).index_select(1, self.pairs)], dim=1)
+
+
+class OverArch(nn.Module):
+    """Top MLP: ``[B, I]`` -> click logits ``[B]`` (ReLU between layers, none after the last)."""
+
+    def __init__(self, in_width: int, widths: tuple[int, ...]):
+        super().__init__()
+        if widths[-1] != 1:
+            raise ValueError(f"the top MLP must end with width 1, got {list(widths)}")
+        self.mlp = mlp_layers(widths, in_width, last_relu=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp(x).squeeze(1)
+
+
+class DLRM(nn.Module):
+    """The whole model; ``forward`` returns click probabilities ``[B]``."""
+
+    def __init__(self, config: DLRMConfig, init: bool = True):
+        """``init=False`` leaves the tables unwritten (for loading weights)."""
+        super().__init__()
+        self.config = config
+        self.dense_arch = DenseArch(config.num_dense, config.bottom_mlp)
+        self.sparse_arch = SparseArch(config.total_rows, config.num_sparse, config.embedding_dim, config.table_dtype)
+        self.interaction = InteractionArch(
+            config.num_sparse, config.embedding_dim, config.interaction, config.self_interaction
+        )
+        self.over_arch = OverArch(config.interaction_width, config.top_mlp)
+        self.loss_threshold = config.loss_threshold
+        if init and config.table_dtype == "float32":
+            self.sparse_arch.init_uniform(config.table_sizes)
+
+    def logits(self, dense: torch.Tensor, indices: torch.Tensor, offsets: torch.Tensor | None = None) -> torch.Tensor:
+        b = dense.shape[0]
+        x = self.dense_arch(dense)
+        e = self.sparse_arch(indices, offsets, b)
+        return self.over_arch(self.interaction(x, e))
+
+    def forward(self, dense: torch.Tensor, indices: torch.Tensor, offsets: torch.Tensor | None = None) -> torch.Tensor:
+        p = torch.sigmoid(self.logits(dense, indices, offsets))
+        t = self.loss_threshold
+        if 0.0 < t < 1.0:
+            p = torch.clamp(p, min=t, max=1.0 - t)
+        return p
