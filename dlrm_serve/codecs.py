@@ -106,11 +106,11 @@ def raw_json(obj: Any, encoder: FeatureEncoder, max_rows: int = MAX_ROWS) -> Raw
     )
 
 
-def _parse_json(data: bytes | str) -> Any:
+def _parse_json(data: bytes | bytearray | str) -> Any:
+    # JSON on the wire is UTF-8 (RFC 8259); json.loads would also guess UTF-16/32.
+    text = _text(data)
     try:
-        return json.loads(data)
-    except UnicodeDecodeError:
-        raise InvalidInput("the body is not valid UTF-8") from None
+        return json.loads(text)
     except json.JSONDecodeError as e:
         raise InvalidInput(f"invalid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
     except RecursionError:
