@@ -107,8 +107,42 @@ def _add_check(sub) -> None:
     p.set_defaults(func=run)
 
 
+def _add_init(sub) -> None:
+    p = sub.add_parser("init", help="write randomly initialised artifacts of a preset (e.g. Kaggle-size tables)")
+    p.add_argument("--preset", default="criteo-kaggle", help="demo, criteo-kaggle or criteo-terabyte")
+    p.add_argument("--out", required=True)
+    p.add_argument("--table-dtype", choices=["float32", "int8"], default="float32")
+    p.add_argument("--seed", type=int, default=0)
+
+    def run(args):
+        from .config import preset
+        from .quantize import init_artifacts
+
+        cfg = preset(args.preset, table_dtype=args.table_dtype)
+        table_bytes = cfg.total_rows * (cfg.embedding_dim * 4 if args.table_dtype == "float32" else cfg.embedding_dim + 8)
+        print(f"initialising {args.preset}: {cfg.total_rows:,} table rows, {table_bytes / 1e9:.2f} GB of tables")
+        init_artifacts(cfg, args.out, seed=args.seed)
+        print(f"wrote {args.out}")
+
+    p.set_defaults(func=run)
+
+
+def _add_quantize(sub) -> None:
+    p = sub.add_parser("quantize", help="write a row-wise int8 copy of an artifacts folder")
+    p.add_argument("--artifacts", default="artifacts", help="float32 artifacts to read")
+    p.add_argument("--out", required=True, help="folder for the int8 artifacts")
+
+    def run(args):
+        from .quantize import quantize_artifacts
+
+        cfg = quantize_artifacts(args.artifacts, args.out)
+        print(f"wrote {args.out}: {cfg.total_rows:,} rows as row-wise int8")
+
+    p.set_defaults(func=run)
+
+
 # Subcommands of later features register here, one function each.
-REGISTRY: list[Callable] = [_add_train, _add_generate, _add_score, _add_import, _add_check]
+REGISTRY: list[Callable] = [_add_train, _add_generate, _add_score, _add_import, _add_check, _add_init, _add_quantize]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -127,6 +161,10 @@ def main(argv: list[str] | None = None) -> int:
         args.func(args)
     except DLRMServeError as e:
         print(f"dlrm-serve {args.command}: {e.message}", file=sys.stderr)
+        return 2
+    except ValueError as e:
+        # Library functions raise ValueError naming the bad value: a user error.
+        print(f"dlrm-serve {args.command}: {e}", file=sys.stderr)
         return 2
     except (FileNotFoundError, IsADirectoryError) as e:
         print(f"dlrm-serve {args.command}: {e}", file=sys.stderr)
