@@ -22,11 +22,16 @@ def _add_train(sub) -> None:
     p.add_argument("--data", nargs="*", default=None, help="Criteo TSV files (.gz ok) to train on")
     p.add_argument("--test-data", nargs="*", default=None, help="held-out Criteo TSV files (default: the last 10%% of --data)")
     p.add_argument("--out", default="artifacts", help="artifacts folder to write (default: artifacts)")
-    p.add_argument("--preset", default="demo", help="architecture preset (demo, criteo-kaggle, criteo-terabyte)")
+    p.add_argument(
+        "--preset", default="demo", choices=["demo", "criteo-kaggle", "criteo-terabyte"],
+        help="architecture preset (default: demo)",
+    )
     p.add_argument("--config", default=None, help="a dlrm.json to train instead of a preset")
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--lr", type=float, default=None, help="Adam learning rate of the MLPs")
+    p.add_argument("--table-lr", type=float, default=None, help="sparse Adagrad learning rate of the embedding tables")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (fixed, so runs are reproducible; default 2)")
     p.add_argument("--rows", type=int, default=None, help="synthetic rows to generate (training + test)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-dir", default="data", help="where synthetic data is written (default: data)")
@@ -46,6 +51,7 @@ def _add_generate(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--oracle", default=None, help="also write the true click probability of each row here")
     p.add_argument("--no-label", action="store_true", help="write 39-field lines without the label")
+    p.add_argument("--config", default=None, help="a dlrm.json whose feature layout to follow (default: the demo preset)")
 
     def run(args):
         from .data import generate_command
@@ -77,11 +83,20 @@ def _add_import(sub) -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--dense-transform", choices=["log1p", "none"], default="log1p")
     p.add_argument("--loss-threshold", type=float, default=0.0)
+    p.add_argument(
+        "--interaction", choices=["dot", "dot-self", "cat"], default=None,
+        help="only needed when the top MLP's input width fits two interactions (F+1 = 2*dim)",
+    )
 
     def run(args):
         from .reference import import_checkpoint
 
-        cfg = import_checkpoint(args.checkpoint, args.out, args.dense_transform, args.loss_threshold)
+        op = {None: (None, None), "dot": ("dot", False), "dot-self": ("dot", True), "cat": ("cat", False)}
+        interaction, self_interaction = op[args.interaction]
+        cfg = import_checkpoint(
+            args.checkpoint, args.out, args.dense_transform, args.loss_threshold,
+            interaction=interaction, self_interaction=self_interaction,
+        )
         print(
             f"wrote {args.out}: {cfg.num_dense} dense, {cfg.num_sparse} categorical features, "
             f"dim {cfg.embedding_dim}, {cfg.total_rows} table rows, interaction {cfg.interaction}"
@@ -141,8 +156,40 @@ def _add_quantize(sub) -> None:
     p.set_defaults(func=run)
 
 
+def _add_predict(sub) -> None:
+    p = sub.add_parser(
+        "predict", help="stream a Criteo TSV or JSON-lines file through a running server, one probability per line"
+    )
+
+    from .client.commands import add_predict_options
+
+    add_predict_options(p)
+
+    def run(args):
+        from .client.commands import predict_command
+
+        predict_command(args)
+
+    p.set_defaults(func=run)
+
+
+def _add_models(sub) -> None:
+    p = sub.add_parser("models", help="manage the server's models: ping, list, describe, register, scale, set-default, unregister")
+
+    from .client.commands import add_models_subcommands
+
+    add_models_subcommands(p)
+
+    def run(args):
+        from .client.commands import models_command
+
+        models_command(args)
+
+    p.set_defaults(func=run)
+
+
 # Subcommands of later features register here, one function each.
-REGISTRY: list[Callable] = [_add_train, _add_generate, _add_score, _add_import, _add_check, _add_init, _add_quantize]
+REGISTRY: list[Callable] = [_add_train, _add_generate, _add_score, _add_import, _add_check, _add_init, _add_quantize, _add_predict, _add_models]
 
 
 def build_parser() -> argparse.ArgumentParser:
