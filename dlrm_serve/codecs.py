@@ -10,7 +10,8 @@ Formats (all end in :class:`~dlrm_serve.features.FeatureEncoder`):
       offset  type        field
       0       4 bytes     magic b"DLRM"
       4       uint8       version (1)
-      5       uint8       flags: bit 0 set = bag lengths follow (multi-hot)
+      5       uint8       flags: bit 0 set = bag lengths follow (multi-hot),
+                          bit 1 set = ids are int64 (else int32)
       6       uint16      reserved, 0
       8       uint32      B, rows
       12      uint16      num_dense
@@ -19,9 +20,10 @@ Formats (all end in :class:`~dlrm_serve.features.FeatureEncoder`):
       20      uint32      reserved, 0
       24      float32     dense[B * num_dense], raw values, NaN = missing
       ...     int32       lengths[B * F], only when flag bit 0 is set
-      ...     int64       ids[N], local row ids per table, bag by bag
+      ...     int32/int64 ids[N], local row ids per table, bag by bag
 
-  Without lengths every bag holds one id and ``N == B * F``.  Categorical
+  Without lengths every bag holds one id and ``N == B * F``.  Ids are int32
+  unless a table has 2**31 rows or more, which keeps a Criteo row at 156 bytes.  Categorical
   strings are hashed by the client with the same code the server uses
   (:meth:`FeatureEncoder.raw_columns`), so decoding is a few ``frombuffer``
   calls and a range check.
@@ -179,8 +181,9 @@ def encode_binary(raw: RawBatch) -> bytes:
     """A :class:`RawBatch` (e.g. from ``encoder.raw_columns``) as the binary format."""
     dense = np.ascontiguousarray(raw.dense, dtype="<f4")
     b, nd = dense.shape
-    ids = np.ascontiguousarray(raw.ids, dtype="<i8")
-    flags = 0
+    wide = raw.ids.size > 0 and int(raw.ids.max()) >= 2**31
+    ids = np.ascontiguousarray(raw.ids, dtype="<i8" if wide else "<i4")
+    flags = 2 if wide else 0
     parts = []
     if raw.lengths is not None:
         flags |= 1
@@ -201,8 +204,9 @@ def raw_binary(data: bytes | bytearray | memoryview, encoder: FeatureEncoder, ma
         raise InvalidInput(f"binary body does not start with the magic {MAGIC!r}")
     if version != VERSION:
         raise InvalidInput(f"binary format version {version} is not supported (this server reads {VERSION})")
-    if flags & ~1:
+    if flags & ~3:
         raise InvalidInput(f"binary header has unknown flags {flags:#x}")
+    id_size = 8 if flags & 2 else 4
     if nd != encoder.num_dense or nf != encoder.num_sparse:
         raise InvalidInput(
             f"binary header says {nd} dense and {nf} categorical features; "
@@ -212,7 +216,7 @@ def raw_binary(data: bytes | bytearray | memoryview, encoder: FeatureEncoder, ma
     has_lengths = bool(flags & 1)
     if not has_lengths and n != b * nf:
         raise InvalidInput(f"binary header says {n} ids, but {b} rows x {nf} features need {b * nf}")
-    expected = _HEADER.size + 4 * b * nd + (4 * b * nf if has_lengths else 0) + 8 * n
+    expected = _HEADER.size + 4 * b * nd + (4 * b * nf if has_lengths else 0) + id_size * n
     if len(buf) != expected:
         raise InvalidInput(f"binary body has {len(buf)} bytes; its header implies {expected}")
     pos = _HEADER.size
@@ -222,7 +226,7 @@ def raw_binary(data: bytes | bytearray | memoryview, encoder: FeatureEncoder, ma
     if has_lengths:
         lengths = np.frombuffer(buf, dtype="<i4", count=b * nf, offset=pos)
         pos += 4 * b * nf
-    ids = np.frombuffer(buf, dtype="<i8", count=n, offset=pos)
+    ids = np.frombuffer(buf, dtype="<i8" if id_size == 8 else "<i4", count=n, offset=pos)
     return encoder.raw_arrays(dense, ids, lengths)
 
 
