@@ -1,0 +1,46 @@
+"""Call a served DLRM over gRPC or REST with one interface.
+
+- :func:`connect` / :class:`Client`: ``predict(rows)`` -> float32
+  probabilities, chunked and pipelined; ``ping``; model management.
+- :class:`Keys`: TorchServe's tokens from code, the environment or
+  ``key_file.json``, renewed through the token API when they expire.
+- :func:`predict_file`: stream a Criteo TSV or JSON-lines file of any size
+  (``dlrm-serve predict``).
+
+Errors are the :mod:`dlrm_serve.errors` family: :class:`InvalidInput` for a
+request the server (or the client's own encoder) rejects, :class:`AuthError`
+for token problems, :class:`ServerError` otherwise; each carries the
+server's message.
+
+numpy, grpcio/protobuf (gRPC) and requests (REST) are all it needs; no torch.
+"""
+
+from ..errors import AuthError, DLRMServeError, InvalidInput, ServerError
+from .core import DEFAULT_CONCURRENCY, DEFAULT_ROWS_PER_REQUEST, Client, connect, load_client_config, ordered_map
+from .files import PredictStats, predict_file
+from .keys import ENV_KEY_FILE, ENV_KEYS, Keys
+from .payloads import FORMATS, Payload, parse_predictions
+from .transports import GrpcTransport, RestTransport
+
+__all__ = [
+    "Client",
+    "connect",
+    "load_client_config",
+    "ordered_map",
+    "Keys",
+    "ENV_KEYS",
+    "ENV_KEY_FILE",
+    "GrpcTransport",
+    "RestTransport",
+    "Payload",
+    "FORMATS",
+    "parse_predictions",
+    "predict_file",
+    "PredictStats",
+    "DEFAULT_ROWS_PER_REQUEST",
+    "DEFAULT_CONCURRENCY",
+    "DLRMServeError",
+    "InvalidInput",
+    "AuthError",
+    "ServerError",
+]

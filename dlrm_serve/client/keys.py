@@ -1,0 +1,185 @@
+"""TorchServe's tokens: where the client finds them and when they expire.
+
+TorchServe (0.11.1 and later) writes ``key_file.json`` into its start folder::
+
+    {"management": {"key": ..., "expiration time": "2024-...Z"},
+     "inference":  {"key": ..., "expiration time": ...},
+     "API":        {"key": ...}}
+
+The inference and management keys expire (``token_expiration_min``, 60 by
+default); the API key does not, and ``GET {management}/token?type=...`` with
+it issues a new key.  TorchServe 0.12.0 answers that call with an empty body
+and writes the new key only to ``key_file.json``, so a client can renew its
+keys only when it can read that file.
+
+Where keys come from (first found wins, per key):
+
+1. keys passed in code (``Keys(inference=..., ...)``);
+2. ``DLRM_SERVE_INFERENCE_KEY``, ``DLRM_SERVE_MANAGEMENT_KEY``,
+   ``DLRM_SERVE_API_KEY``;
+3. the key file: the path passed in, else ``DLRM_SERVE_KEY_FILE``, else
+   ``./key_file.json`` when it exists.
+
+No key at all means the server runs without token authorization
+(``disable_token_authorization=true``); requests then carry no token.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Mapping
+
+from ..errors import AuthError
+
+__all__ = ["KINDS", "ENV_KEYS", "ENV_KEY_FILE", "Token", "Keys", "parse_expiration", "read_key_file"]
+
+KINDS = ("inference", "management", "api")
+ENV_KEYS = {
+    "inference": "DLRM_SERVE_INFERENCE_KEY",
+    "management": "DLRM_SERVE_MANAGEMENT_KEY",
+    "api": "DLRM_SERVE_API_KEY",
+}
+ENV_KEY_FILE = "DLRM_SERVE_KEY_FILE"
+_FILE_SECTIONS = {"inference": "inference", "management": "management", "api": "API"}
+
+
+@dataclass(frozen=True)
+class Token:
+    key: str
+    expires: datetime | None = None  # None: does not expire, or not known
+
+    def expiring(self, now: datetime, margin_s: float) -> bool:
+        return self.expires is not None and (self.expires - now).total_seconds() <= margin_s
+
+
+def parse_expiration(text: str | None) -> datetime | None:
+    """TorchServe's ``expiration time`` (a Java ``Instant``, e.g. ``2024-11-29T10:14:03.123456789Z``)."""
+    if not text:
+        return None
+    try:
+        t = datetime.fromisoformat(text.strip())
+    except ValueError:
+        return None  # an unknown format: rely on the server's refusal instead
+    return t if t.tzinfo is not None else t.replace(tzinfo=timezone.utc)
+
+
+def read_key_file(path: str | os.PathLike) -> dict[str, Token]:
+    """The tokens in a ``key_file.json``, keyed by kind (``inference``, ``management``, ``api``)."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as e:
+        raise AuthError(f"cannot read the key file {str(path)!r}: {e.strerror or e}") from None
+    except ValueError:
+        raise AuthError(f"the key file {str(path)!r} is not JSON (is TorchServe still writing it?)") from None
+    if not isinstance(data, dict):
+        raise AuthError(f"the key file {str(path)!r} is not a JSON object")
+    out = {}
+    for kind, section in _FILE_SECTIONS.items():
+        entry = data.get(section)
+        if isinstance(entry, dict) and isinstance(entry.get("key"), str) and entry["key"]:
+            out[kind] = Token(entry["key"], parse_expiration(entry.get("expiration time")))
+    return out
+
+
+class Keys:
+    """The tokens of one server, thread-safe; renewable from the key file.
+
+    ``version`` grows whenever a key changes, so a caller can tell whether
+    somebody else already renewed the key it was refused with.
+    """
+
+    def __init__(
+        self,
+        inference: str | None = None,
+        management: str | None = None,
+        api: str | None = None,
+        *,
+        key_file: str | os.PathLike | None = None,
+    ):
+        self._lock = threading.Lock()
+        self._fixed = {k: Token(v) for k, v in (("inference", inference), ("management", management), ("api", api)) if v}
+        self.key_file = Path(key_file) if key_file is not None else None
+        self._from_file: dict[str, Token] = {}
+        self.version = 0
+        if self.key_file is not None:
+            self._from_file = read_key_file(self.key_file)
+
+    @classmethod
+    def discover(
+        cls,
+        key_file: str | os.PathLike | None = None,
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: str | os.PathLike | None = None,
+    ) -> "Keys":
+        """Keys from the environment and the key file (see the module doc for the order)."""
+        env = os.environ if env is None else env
+        values = {kind: env.get(var) or None for kind, var in ENV_KEYS.items()}
+        path = key_file if key_file is not None else env.get(ENV_KEY_FILE) or None
+        if path is None:
+            default = Path(cwd or ".") / "key_file.json"
+            path = default if default.is_file() else None
+        elif not Path(path).is_file():
+            raise AuthError(
+                f"the key file {str(path)!r} does not exist; TorchServe writes key_file.json "
+                "into the folder it was started from (and deletes it when it stops)"
+            )
+        return cls(**values, key_file=path)
+
+    def token(self, kind: str) -> Token | None:
+        if kind not in KINDS:
+            raise ValueError(f"key kind must be one of {KINDS}, got {kind!r}")
+        with self._lock:
+            return self._fixed.get(kind) or self._from_file.get(kind)
+
+    def get(self, kind: str) -> str | None:
+        tok = self.token(kind)
+        return tok.key if tok is not None else None
+
+    @property
+    def empty(self) -> bool:
+        with self._lock:
+            return not self._fixed and not self._from_file
+
+    def expiring(self, kind: str, margin_s: float, now: datetime | None = None) -> bool:
+        """Whether the key expires within ``margin_s`` seconds (False when not known)."""
+        tok = self.token(kind)
+        now = now or datetime.now(timezone.utc)
+        return tok is not None and tok.expiring(now, margin_s)
+
+    def set(self, kind: str, key: str, expires: datetime | None = None) -> None:
+        """Use ``key`` for ``kind`` from now on (e.g. a key the token API returned)."""
+        with self._lock:
+            self._fixed[kind] = Token(key, expires)
+            self.version += 1
+
+    def reload(self) -> bool:
+        """Read the key file again, after the server refused a key; True when a key changed.
+
+        A key from code or the environment that differs from the file's gives
+        way to the file's: the file is what the server wrote last.
+        """
+        if self.key_file is None or not self.key_file.is_file():
+            return False
+        fresh = read_key_file(self.key_file)
+        with self._lock:
+            before = {k: self._fixed.get(k) or self._from_file.get(k) for k in KINDS}
+            self._from_file = fresh
+            for kind, tok in fresh.items():
+                fixed = self._fixed.get(kind)
+                if fixed is not None and fixed.key != tok.key:
+                    del self._fixed[kind]
+            after = {k: self._fixed.get(k) or self._from_file.get(k) for k in KINDS}
+            changed = after != before
+            if changed:
+                self.version += 1
+            return changed
+
+    def __repr__(self) -> str:  # never print the keys themselves
+        kinds = [k for k in KINDS if self.token(k) is not None]
+        return f"Keys({', '.join(kinds) or 'none'}, key_file={str(self.key_file) if self.key_file else None})"
