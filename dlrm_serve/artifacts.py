@@ -52,7 +52,8 @@ def save_artifacts(model: DLRM, out_dir: str | os.PathLike, metrics: dict | None
     out.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     tmp = out / (WEIGHTS_FILE + ".tmp")
-    save_file(tensors, str(tmp), metadata={"format": "dlrm-serve", "config": model.config.to_json()})
+    # One metadata key: safetensors orders several at random, and identical runs should give identical files.
+    save_file(tensors, str(tmp), metadata={"dlrm_serve_config": model.config.to_json()})
     os.chmod(tmp, 0o644)  # safetensors writes 0600; servers may run as another user
     os.replace(tmp, out / WEIGHTS_FILE)
     model.config.save(out / CONFIG_FILE)

@@ -31,7 +31,7 @@ def _add_train(sub) -> None:
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--lr", type=float, default=None, help="Adam learning rate of the MLPs")
     p.add_argument("--table-lr", type=float, default=None, help="sparse Adagrad learning rate of the embedding tables")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (fixed, so runs are reproducible; default 2)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (fixed, so runs are reproducible; default 1)")
     p.add_argument("--rows", type=int, default=None, help="synthetic rows to generate (training + test)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-dir", default="data", help="where synthetic data is written (default: data)")
@@ -188,8 +188,35 @@ def _add_models(sub) -> None:
     p.set_defaults(func=run)
 
 
+def _add_export_onnx(sub) -> None:
+    p = sub.add_parser(
+        "export-onnx",
+        help="write dlrm.onnx (+ dlrm.one_id.onnx, dlrm.onnx.data) from the safetensors weights",
+    )
+    p.add_argument("--artifacts", default="artifacts", help="artifacts folder to read and write (default: artifacts)")
+    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: 18; at least 16)")
+    p.add_argument(
+        "--if-needed", action="store_true",
+        help="export only when the graphs are missing or were made from other weights or config",
+    )
+
+    def run(args):
+        from .export import DEFAULT_OPSET, export_onnx, onnx_problem
+
+        if args.if_needed:
+            problem = onnx_problem(args.artifacts)
+            if problem is None:
+                print(f"{args.artifacts}: ONNX graphs are up to date")
+                return
+            print(f"exporting: {problem}")
+        result = export_onnx(args.artifacts, opset=DEFAULT_OPSET if args.opset is None else args.opset)
+        print(result.summary())
+
+    p.set_defaults(func=run)
+
+
 # Subcommands of later features register here, one function each.
-REGISTRY: list[Callable] = [_add_train, _add_generate, _add_score, _add_import, _add_check, _add_init, _add_quantize, _add_predict, _add_models]
+REGISTRY: list[Callable] = [_add_train, _add_generate, _add_score, _add_import, _add_check, _add_init, _add_quantize, _add_predict, _add_models, _add_export_onnx]
 
 
 def build_parser() -> argparse.ArgumentParser:
