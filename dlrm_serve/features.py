@@ -33,13 +33,11 @@ __all__ = ["FeatureBatch", "RawBatch", "FeatureEncoder", "hash_hex"]
 
 _F32_MAX = float(np.finfo(np.float32).max)
 
-# Hex digit value per code point; -1 is not a hex digit.
-_HEX_LUT = np.full(128, -1, dtype=np.int64)
-for _c in "0123456789":
-    _HEX_LUT[ord(_c)] = ord(_c) - ord("0")
-for _c in "abcdef":
-    _HEX_LUT[ord(_c)] = ord(_c) - ord("a") + 10
-    _HEX_LUT[ord(_c.upper())] = ord(_c) - ord("a") + 10
+# Hex digit value per byte; -1 is not a hex digit.
+_HEX_LUT8 = np.full(256, -1, dtype=np.int8)
+for _c in "0123456789abcdef":
+    _HEX_LUT8[ord(_c)] = int(_c, 16)
+    _HEX_LUT8[ord(_c.upper())] = int(_c, 16)
 
 
 @dataclass
@@ -130,35 +128,40 @@ def hash_hex(values: np.ndarray, sizes: np.ndarray) -> np.ndarray:
 
     ``values``: str array ``[M]`` of non-empty strings; ``sizes``: int64 ``[M]``
     (or a scalar).  Returns int64 ``[M]``.  Raises ``ValueError`` with the
-    position of the first string that is not plain hex.
+    position of the first string that is not plain hex (no sign, prefix,
+    underscore or space, which ``int()`` would accept).
     """
     values = np.asarray(values, dtype=np.str_)
     m = values.shape[0]
     sizes = np.broadcast_to(np.asarray(sizes, dtype=np.int64), (m,))
     if m == 0:
         return np.zeros(0, dtype=np.int64)
-    width = values.dtype.itemsize // 4
-    codes = values.view(np.uint32).reshape(m, width)
+    try:
+        # One byte per character: several times faster to index than UCS-4.
+        raw = values.astype(np.bytes_)
+    except UnicodeEncodeError:
+        first = next(i for i, v in enumerate(values.tolist()) if not v.isascii())
+        raise _HexError(first, str(values[first])) from None
+    width = raw.dtype.itemsize
+    codes = raw.view(np.uint8).reshape(m, width)
     lengths = np.char.str_len(values)
+    digits = _HEX_LUT8[codes]  # NUL and non-hex bytes are -1
     inside = np.arange(width)[None, :] < lengths[:, None]
-    # Code points past 127 and NUL are not hex digits either.
-    digits = _HEX_LUT[np.minimum(codes, 127)]
-    digits[codes > 127] = -1
     bad = ((digits < 0) & inside).any(axis=1) | (lengths == 0)
     if bad.any():
         first = int(np.argmax(bad))
         raise _HexError(first, str(values[first]))
     out = np.empty(m, dtype=np.int64)
     short = lengths <= 15
-    if short.any():
-        # Up to 15 hex digits fit in int64 without overflow: fold column by column.
-        d = digits[short]
-        n = lengths[short]
-        acc = np.zeros(d.shape[0], dtype=np.int64)
-        for j in range(min(width, 15)):
-            take = j < n
-            acc = np.where(take, acc * 16 + d[:, j], acc)
-        out[short] = acc % sizes[short]
+    if short.all():
+        d, n = digits, lengths
+    else:
+        d, n = digits[short], lengths[short]
+    # Up to 15 hex digits fit in int64: fold column by column.
+    acc = np.zeros(d.shape[0], dtype=np.int64)
+    for j in range(min(width, 15)):
+        acc = np.where(j < n, (acc << 4) | d[:, j], acc)
+    out[short] = acc % sizes[short]
     for i in np.flatnonzero(~short):
         out[i] = int(values[i], 16) % int(sizes[i])
     return out
