@@ -64,7 +64,14 @@ class TorchBackend:
         }
 
 
-BACKENDS = {"torch": TorchBackend}
+def _onnxruntime_backend(artifacts_dir: str | os.PathLike, **options) -> Backend:
+    # Imported on first use: `import dlrm_serve.backends` must not load onnxruntime.
+    from .onnx_backend import OnnxBackend
+
+    return OnnxBackend(artifacts_dir, **options)
+
+
+BACKENDS = {"torch": TorchBackend, "onnxruntime": _onnxruntime_backend}
 
 
 def load_backend(artifacts_dir: str | os.PathLike, kind: str = "torch", **options) -> Backend:

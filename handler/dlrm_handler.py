@@ -17,7 +17,7 @@ validation and the model live in the library, which ships inside the archive.
                             # tables then start fully mapped, as after traffic)
       metrics_interval: 1.0 # seconds between metric reports per worker; 0 = every batch
 
-Metrics (dimensions ModelName, Level, Backend): counters DLRMRowsScored and
+Metrics (dimensions ModelName, Level, Backend, Provider): counters DLRMRowsScored and
 DLRMInvalidRequests; gauges DLRMRowsPerBatch, DLRMDecodeTime and
 DLRMForwardTime (ms), averaged over the batches of the interval.  Each metric
 is a log line that the frontend parses, so a worker sums its batches and
@@ -163,7 +163,10 @@ class DLRMHandler(BaseHandler):
             start = time.perf_counter()
             touched = touch_backend_tables(self.backend)
             logger.info("dlrm touched %d table bytes in %.2f s", touched, time.perf_counter() - start)
-        self.dimensions = [Dimension("Backend", self.backend.name)]
+        # The provider (CPU or CUDA for onnxruntime, the device for torch) tells comparisons apart.
+        described = self.backend.describe()
+        provider = described.get("provider") or described.get("device", "cpu")
+        self.dimensions = [Dimension("Backend", self.backend.name), Dimension("Provider", str(provider))]
         self.clock = time.monotonic
         self.window = new_window(float("-inf"))  # the first batch reports at once
         self.initialized = True
@@ -171,7 +174,7 @@ class DLRMHandler(BaseHandler):
         logger.info(
             "dlrm handler ready: dlrm_serve from %s, %s",
             os.path.dirname(dlrm_serve.__file__),
-            json.dumps({**self.backend.describe(), **self.settings}, sort_keys=True),
+            json.dumps({**described, **self.settings}, sort_keys=True),
         )
 
     def handle(self, data, context):

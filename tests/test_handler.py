@@ -278,7 +278,7 @@ def test_handler_publishes_metrics_once_per_interval(handler_module, demo_artifa
     assert "DLRMInvalidRequests.Count:1|" in first["DLRMInvalidRequests"]
     assert "DLRMRowsPerBatch.Count:4.0|" in first["DLRMRowsPerBatch"] and "#type:GAUGE" in first["DLRMRowsPerBatch"]
     assert {"DLRMDecodeTime", "DLRMForwardTime"} <= set(first)
-    assert all("Backend:torch" in line and "ModelName:dlrm" in line for line in first.values())
+    assert all("Backend:torch" in line and "ModelName:dlrm" in line and "Provider:cpu" in line for line in first.values())
     assert later["DLRMRowsScored"].startswith("[METRICS]DLRMRowsScored.Count:12|")
     assert "DLRMInvalidRequests.Count:3|" in later["DLRMInvalidRequests"]
     assert "DLRMRowsPerBatch.Count:4.0|" in later["DLRMRowsPerBatch"]

@@ -229,7 +229,7 @@ def test_custom_metrics_reach_prometheus(torchserve, make_rows):
     def value(name):
         m = re.search(rf'^{name}{{([^}}]*)}} ([0-9.eE+-]+)$', text, re.M)
         assert m, f"{name} not in /metrics"
-        assert 'ModelName="dlrm"' in m.group(1) and 'Backend="torch"' in m.group(1)
+        assert 'ModelName="dlrm"' in m.group(1) and 'Backend="torch"' in m.group(1) and 'Provider="cpu"' in m.group(1)
         return float(m.group(2))
 
     assert value("DLRMRowsScored") >= 5
