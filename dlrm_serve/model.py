@@ -11,6 +11,12 @@ embedding dim, ``N`` ids in the batch, ``R`` rows of all tables together,
 The tables live in one concatenated ``[R, D]`` tensor with per-table row
 offsets (applied by :mod:`dlrm_serve.features`), so all lookups are one
 gather or one ``embedding_bag`` with no Python loop per table.
+
+For speed the forward hands data between stages in layouts that skip
+copies, with the same results: the lookups come stacked as ``[B, 1+F, D]``
+with row 0 free for the dense vector, and the interaction hands the top MLP
+column blocks that its first layer multiplies one by one (see
+:meth:`InteractionArch.parts` and :meth:`OverArch.forward_parts`).
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from torch import nn
 
 from .config import DLRMConfig
 
-__all__ = ["DenseArch", "SparseArch", "InteractionArch", "OverArch", "DLRM", "mlp_layers"]
+__all__ = ["DenseArch", "SparseArch", "InteractionArch", "OverArch", "DLRM", "mlp_layers", "run_mlp"]
 
 
 def mlp_layers(widths: list[int] | tuple[int, ...], in_width: int, last_relu: bool) -> nn.Sequential:
@@ -33,14 +39,35 @@ def mlp_layers(widths: list[int] | tuple[int, ...], in_width: int, last_relu: bo
     for i, w in enumerate(widths):
         lin = nn.Linear(prev, w)
         # The reference's initialisation: N(0, sqrt(2/(fan_in+fan_out))), bias N(0, sqrt(1/fan_out)).
-        with torch.no_grad():
-            lin.weight.normal_(0.0, math.sqrt(2.0 / (prev + w)))
-            lin.bias.normal_(0.0, math.sqrt(1.0 / w))
+        # Skipped on the meta device (shape checks): meta tensors hold no values, and
+        # normal_ there imports torch's compiler stack, seconds in every serving worker.
+        if not lin.weight.is_meta:
+            with torch.no_grad():
+                lin.weight.normal_(0.0, math.sqrt(2.0 / (prev + w)))
+                lin.bias.normal_(0.0, math.sqrt(1.0 / w))
         layers.append(lin)
         if i < len(widths) - 1 or last_relu:
             layers.append(nn.ReLU())
         prev = w
     return nn.Sequential(*layers)
+
+
+def run_mlp(mlp: nn.Sequential, x: torch.Tensor, start: int = 0) -> torch.Tensor:
+    """``mlp[start:](x)`` for a :func:`mlp_layers` stack, minus the per-layer overheads.
+
+    Each Linear is one ``addmm`` (the bias fused into the GEMM) and each
+    ReLU runs in place on the fresh ``addmm`` output, which saves a
+    full-size allocation and pass per layer.  Autograd-safe, so training
+    shares this path: ``addmm`` saves its inputs, never its output.
+    """
+    for layer in list(mlp)[start:]:
+        if isinstance(layer, nn.Linear):
+            x = torch.addmm(layer.bias, x, layer.weight.t())
+        elif isinstance(layer, nn.ReLU):
+            x = x.relu_()
+        else:
+            x = layer(x)
+    return x
 
 
 class DenseArch(nn.Module):
@@ -53,13 +80,15 @@ class DenseArch(nn.Module):
         self.mlp = mlp_layers(widths, num_dense, last_relu=True)
 
     def forward(self, dense: torch.Tensor) -> torch.Tensor:
-        return self.mlp(dense)
+        return run_mlp(self.mlp, dense)
 
 
 class SparseArch(nn.Module):
     """Sum-pooled lookups: ids ``[N]`` (+ bag offsets ``[B*F+1]``) -> ``[B, F, D]``.
 
     ``offsets=None`` means one id per bag (``N == B*F``), a plain gather.
+    With ``lead=k`` the result is ``[B, k+F, D]``: k rows per sample left for
+    the caller to fill (content unspecified), then the F pooled rows.
     With ``table_dtype="int8"`` the table is stored row-wise quantised:
     ``codes`` uint8 ``[R, D]`` and ``scale_bias`` float32 ``[R, 2]``, a row
     being ``codes * scale + bias``.
@@ -100,8 +129,24 @@ class SparseArch(nn.Module):
         sb = self.scale_bias.index_select(0, indices)
         return codes.to(torch.float32) * sb[:, :1] + sb[:, 1:]
 
-    def forward(self, indices: torch.Tensor, offsets: torch.Tensor | None, batch_size: int) -> torch.Tensor:
+    def forward(
+        self, indices: torch.Tensor, offsets: torch.Tensor | None, batch_size: int, lead: int = 0
+    ) -> torch.Tensor:
         f, d = self.num_tables, self.dim
+        if lead < 0:
+            raise ValueError(f"lead must be >= 0, got {lead}")
+        if (
+            lead
+            and offsets is None
+            and self.table_dtype == "float32"
+            and not (torch.is_grad_enabled() and self.weight.requires_grad)
+        ):
+            # Serving's common case: gather straight into the stacked layout,
+            # one dummy id (row 0) per reserved row, instead of concatenating
+            # a copy of every looked-up row afterwards.
+            ids = indices.new_zeros(batch_size, lead + f)
+            ids[:, lead:] = indices.view(batch_size, f)
+            return self.weight.index_select(0, ids.view(-1)).view(batch_size, lead + f, d)
         if self.table_dtype == "float32":
             if offsets is None:
                 if self.sparse_grad:
@@ -120,11 +165,18 @@ class SparseArch(nn.Module):
                 lengths = offsets[1:] - offsets[:-1]
                 bags = torch.repeat_interleave(torch.arange(lengths.shape[0]), lengths)
                 pooled = torch.zeros(lengths.shape[0], d, dtype=rows.dtype).index_add_(0, bags, rows)
-        return pooled.view(batch_size, f, d)
+        pooled = pooled.view(batch_size, f, d)
+        if lead:
+            pooled = torch.cat([pooled.new_zeros(batch_size, lead, d), pooled], dim=1)
+        return pooled
 
 
 class InteractionArch(nn.Module):
     """Feature interaction: dense ``[B, D]`` and sparse ``[B, F, D]`` -> ``[B, I]``.
+
+    ``sparse`` may also come stacked, ``[B, 1+F, D]`` with row 0 free
+    (``SparseArch(..., lead=1)``): the dense vector is then written into
+    row 0 in place and nothing is concatenated.
 
     ``dot``: the bottom output followed by the pairwise dot products of the
     F+1 vectors, lower triangle in the reference's order (row i, then
@@ -137,18 +189,37 @@ class InteractionArch(nn.Module):
         if op not in ("dot", "cat"):
             raise ValueError(f"interaction must be 'dot' or 'cat', got {op!r}")
         self.op = op
+        self.num_tables = num_tables
         n = num_tables + 1
         extra = 1 if self_interaction else 0
         flat = [i * n + j for i in range(n) for j in range(i + extra)]
         self.register_buffer("pairs", torch.tensor(flat, dtype=torch.long), persistent=False)
 
     def forward(self, dense: torch.Tensor, sparse: torch.Tensor) -> torch.Tensor:
-        b, d = dense.shape
+        return torch.cat(self.parts(dense, sparse), dim=1)
+
+    def parts(self, dense: torch.Tensor, sparse: torch.Tensor) -> list[torch.Tensor]:
+        """The output as column blocks whose concatenation is ``forward``'s result.
+
+        ``dot``: ``[dense [B, D], pairs [B, I-D]]``; ``cat``: ``[all [B, I]]``.
+        """
+        b = dense.shape[0]
+        rows = sparse.shape[1]
+        if rows == self.num_tables + 1:
+            t = sparse
+            t[:, 0] = dense
+        elif rows == self.num_tables:
+            t = torch.cat([dense.unsqueeze(1), sparse], dim=1)
+        else:
+            raise ValueError(
+                f"sparse has {rows} rows per sample; expected {self.num_tables} (F) or "
+                f"{self.num_tables + 1} (stacked, row 0 free)"
+            )
+        # t: [B, F+1, D]
         if self.op == "cat":
-            return torch.cat([dense, sparse.reshape(b, -1)], dim=1)
-        t = torch.cat([dense.unsqueeze(1), sparse], dim=1)  # [B, F+1, D]
+            return [t.reshape(b, -1)]
         z = torch.bmm(t, t.transpose(1, 2))  # [B, F+1, F+1]
-        return torch.cat([dense, z.reshape(b, -1).index_select(1, self.pairs)], dim=1)
+        return [dense, z.reshape(b, -1).index_select(1, self.pairs)]
 
 
 class OverArch(nn.Module):
@@ -161,7 +232,25 @@ class OverArch(nn.Module):
         self.mlp = mlp_layers(widths, in_width, last_relu=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.mlp(x).squeeze(1)
+        return run_mlp(self.mlp, x).squeeze(1)
+
+    def forward_parts(self, parts: list[torch.Tensor]) -> torch.Tensor:
+        """``forward(torch.cat(parts, 1))`` without building the concatenation.
+
+        The first layer becomes one ``addmm`` per column block of its weight,
+        accumulated in place: a [B, I] copy saved for a few extra small GEMMs.
+        """
+        first = self.mlp[0]
+        w = first.weight
+        width = sum(p.shape[1] for p in parts)
+        if width != w.shape[1]:
+            raise ValueError(f"the parts are {width} columns wide, the top MLP takes {w.shape[1]}")
+        x, col = None, 0
+        for p in parts:
+            wk = w[:, col : col + p.shape[1]].t()
+            x = torch.addmm(first.bias, p, wk) if x is None else x.addmm_(p, wk)
+            col += p.shape[1]
+        return run_mlp(self.mlp, x, start=1).squeeze(1)
 
 
 class DLRM(nn.Module):
@@ -184,8 +273,8 @@ class DLRM(nn.Module):
     def logits(self, dense: torch.Tensor, indices: torch.Tensor, offsets: torch.Tensor | None = None) -> torch.Tensor:
         b = dense.shape[0]
         x = self.dense_arch(dense)
-        e = self.sparse_arch(indices, offsets, b)
-        return self.over_arch(self.interaction(x, e))
+        t = self.sparse_arch(indices, offsets, b, lead=1)  # [B, 1+F, D], row 0 left for x
+        return self.over_arch.forward_parts(self.interaction.parts(x, t))
 
     def forward(self, dense: torch.Tensor, indices: torch.Tensor, offsets: torch.Tensor | None = None) -> torch.Tensor:
         p = torch.sigmoid(self.logits(dense, indices, offsets))
