@@ -503,56 +503,36 @@ class FeatureEncoder:
                 )
             for v in values:
                 cell += 1
-                t = type(v)
-                if t is not str and t is not int and v is not None and t is not list:
-                    v = self._plain(v)
-                    t = type(v)
-                if t is str:
-                    if v:
-                        str_vals.append(v)
-                        str_pos.append(pos)
-                        str_cell.append(cell)
-                        pos += 1
-                    else:
-                        lengths[cell] = 0
-                elif t is int:
-                    int_vals.append(v)
-                    int_pos.append(pos)
-                    int_cell.append(cell)
-                    pos += 1
-                elif v is None:
-                    lengths[cell] = 0
-                elif t is list or t is tuple:
-                    n = 0
-                    for item in v:
-                        ti = type(item)
-                        if ti is not str and ti is not int and item is not None:
-                            item = self._plain(item)
-                            ti = type(item)
-                        if ti is str:
-                            if item:
-                                str_vals.append(item)
-                                str_pos.append(pos)
-                                str_cell.append(cell)
-                                pos += 1
-                                n += 1
-                        elif ti is int:
-                            int_vals.append(item)
-                            int_pos.append(pos)
-                            int_cell.append(cell)
+                # A single value is a bag of one; None and "" are empty bags either way.
+                in_list = type(v) is list or type(v) is tuple
+                n = 0
+                for item in (v if in_list else (v,)):
+                    t = type(item)
+                    if t is not str and t is not int and item is not None:
+                        item = self._plain(item)
+                        t = type(item)
+                    if t is str:
+                        if item:
+                            str_vals.append(item)
+                            str_pos.append(pos)
+                            str_cell.append(cell)
                             pos += 1
                             n += 1
-                        elif item is None:
-                            pass
-                        elif ti is list or ti is tuple or ti is dict:
-                            raise self._cell_error(
-                                cell, "a multi-hot bag is a flat list of ids; nested lists and objects are not allowed"
-                            )
-                        else:
-                            raise self._cell_error(cell, self._id_type_message(item))
-                    lengths[cell] = n
-                else:
-                    raise self._cell_error(cell, self._id_type_message(v))
+                    elif t is int:
+                        int_vals.append(item)
+                        int_pos.append(pos)
+                        int_cell.append(cell)
+                        pos += 1
+                        n += 1
+                    elif item is None:
+                        pass
+                    elif in_list and (t is list or t is tuple or t is dict):
+                        raise self._cell_error(
+                            cell, "a multi-hot bag is a flat list of ids; nested lists and objects are not allowed"
+                        )
+                    else:
+                        raise self._cell_error(cell, self._id_type_message(item))
+                lengths[cell] = n
         ids = np.empty(pos, dtype=np.int64)
         if str_vals:
             s_cell = np.asarray(str_cell, dtype=np.int64)

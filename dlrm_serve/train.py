@@ -267,18 +267,6 @@ def _config(options: TrainOptions) -> DLRMConfig:
 
 
 # ----- training -----------------------------------------------------------------
-def _metrics(labels: np.ndarray, probs: np.ndarray) -> tuple[float | None, float]:
-    try:
-        auc = roc_auc(labels, probs)
-    except ValueError:
-        auc = None  # a test set with one class has no AUC
-    return auc, log_loss(labels, probs)
-
-
-def _fmt(x: float | None) -> str:
-    return "n/a" if x is None else f"{x:.4f}"
-
-
 @dataclass
 class _Data:
     """Where training and test rows come from, and how many there are."""
