@@ -4,19 +4,23 @@ The architecture is ``preset("criteo-kaggle")`` with its tables capped at
 ``--max-rows`` rows (100k by default): the benchmark measures compute, and
 table size changes only the cache behaviour of the lookups.  Inputs are
 random Criteo-style rows (hex ids, one per bag, integer counts) encoded by
-the same :class:`FeatureEncoder` that serving uses; the model is loaded from
-saved artifacts with :func:`load_model`, as serving does.  Only the forward
-pass is timed.
+the same :class:`FeatureEncoder` that serving uses, a different batch each
+call so that lookups miss the cache as they do in serving (``--distinct 1``
+repeats one batch); the model is loaded from saved artifacts with
+:func:`load_model`, as serving does.  Only the forward pass is timed.  A
+"plain eager" row runs the same weights the straightforward way (each
+stage's ``nn.Sequential``), for comparison.
 
 The roofline is the FP32 GEMM rate (a large ``torch.mm``, timed between
 the forward passes of the same run) divided by ``config.flops_per_sample()``.
 
-    python bench/bench_model.py [--batches 1,64,512,2048] [--threads N] [--compile]
+    python bench/bench_model.py [--batches 1,64,512,2048] [--threads N] [--distinct K] [--compile]
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 import tempfile
 import time
@@ -26,7 +30,15 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import gemm_gflops, machine_info, machine_line, markdown_table, save_plot, time_interleaved, write_markdown  # noqa: E402
+from common import (  # noqa: E402
+    gemm_gflops,
+    machine_info,
+    machine_line,
+    markdown_table,
+    save_plot,
+    time_interleaved,
+    write_markdown,
+)
 
 from dlrm_serve.artifacts import load_model, save_artifacts  # noqa: E402
 from dlrm_serve.config import preset  # noqa: E402
@@ -53,6 +65,12 @@ def criteo_like_batch(encoder: FeatureEncoder, batch: int, seed: int):
     if fb.offsets is not None:
         raise ValueError("the benchmark expects one id per bag")
     return torch.from_numpy(fb.dense), torch.from_numpy(fb.indices)
+
+
+def cycling(fn, inputs):
+    """A no-argument call of ``fn`` on the next of ``inputs`` each time."""
+    it = itertools.cycle(inputs)
+    return lambda: fn(*next(it))
 
 
 def plain_eager(model: DLRM):
@@ -82,7 +100,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-rows", type=int, default=100_000, help="cap on every table's rows (default 100000)")
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (default: torch's choice)")
     ap.add_argument("--rounds", type=int, default=15, help="interleaved timing rounds per batch size")
-    ap.add_argument("--min-repeat", type=float, default=0.05, help="seconds per timed repeat")
+    ap.add_argument("--min-repeat", type=float, default=0.1, help="seconds per timed repeat")
+    ap.add_argument(
+        "--distinct", type=int, default=0,
+        help="distinct batches cycled through per size (default: up to 32; 1 repeats one batch, warm lookups)",
+    )
     ap.add_argument("--no-baseline", action="store_true", help="skip the plain-eager comparison")
     ap.add_argument("--compile", action="store_true", help="also time torch.compile (slow to compile)")
     ap.add_argument("--name", default="bench_model", help="results file stem under bench/results")
@@ -129,15 +151,19 @@ def main(argv: list[str] | None = None) -> int:
         gemm_samples = []
         with torch.inference_mode():
             for b in batches:
-                dense, idx = criteo_like_batch(encoder, b, seed=b)
+                # Fresh ids every call, as in serving: a batch repeated would find its
+                # table rows in cache.  The MLP weights stay hot, as they do when serving.
+                count = args.distinct or max(4, min(32, 65536 // b))
+                inputs = [criteo_like_batch(encoder, b, seed=b * 1000 + i) for i in range(count)]
+                dense, idx = inputs[0]
                 ref = model(dense, idx)
                 fns = {}
                 for name, fn in variants.items():
                     if not torch.allclose(fn(dense, idx), ref, rtol=1e-4, atol=1e-6):
                         raise SystemExit(f"{name} disagrees with the model at batch {b}")
-                    fns[name] = lambda fn=fn: fn(dense, idx)
+                    fns[name] = cycling(fn, inputs)
                 fns["gemm"] = lambda: torch.mm(ga, gb, out=gc)
-                t = time_interleaved(fns, warmup=3, rounds=args.rounds, min_repeat_s=args.min_repeat)
+                t = time_interleaved(fns, warmup=3, rounds=args.rounds, min_repeat_s=args.min_repeat, block_warmup=1)
                 gemm_samples += t.pop("gemm").samples
                 results[b] = t
                 print(f"  batch {b}: " + ", ".join(f"{n} {b / v.median:,.0f}/s" for n, v in t.items()))
@@ -175,8 +201,12 @@ def main(argv: list[str] | None = None) -> int:
         f"lookups excluded); roofline = GEMM rate / FLOP per sample = **{roof:,.0f} samples/s**",
         f"- tables capped at {args.max_rows:,} rows each ({cfg.total_rows:,} rows, "
         f"{cfg.total_rows * cfg.embedding_dim * 4 / 2**20:.0f} MiB): compute is measured, not the 2 GB of real tables",
-        "- inputs: random hex ids (one per bag) and counts, encoded by FeatureEncoder; only the forward is timed, "
-        f"under torch.inference_mode; median of {args.rounds} interleaved repeats",
+        "- inputs: random hex ids (one per bag) and counts, encoded by FeatureEncoder, "
+        + ("the same batch every call (warm lookups)" if args.distinct == 1 else
+           f"a different batch each call ({args.distinct or 'up to 32'} batches in turn, cold lookups as in serving)")
+        + "; only the forward is timed, "
+        f"under torch.inference_mode; median of {args.rounds} interleaved repeats of at least "
+        f"{args.min_repeat:g} s, each after one untimed call (the GEMM between them flushes the caches)",
         f"- at batch {top}: **{top_pct:.1f}% of roofline** (target {TARGET:.0%}); best repeat over best GEMM "
         f"repeat: {top_best_pct:.1f}%",
     ]

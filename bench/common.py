@@ -100,17 +100,26 @@ def time_call(
 
 
 def time_interleaved(
-    fns: Mapping[str, Callable[[], object]], warmup: int = 3, rounds: int = 15, min_repeat_s: float = 0.02
+    fns: Mapping[str, Callable[[], object]],
+    warmup: int = 3,
+    rounds: int = 15,
+    min_repeat_s: float = 0.02,
+    block_warmup: int = 0,
 ) -> dict[str, Timing]:
     """Time several functions in interleaved rounds: A B C, A B C, ...
 
     Noise from other processes then lands on every function alike, so the
     ratios of the medians are steadier than those of separate runs.
+    ``block_warmup`` untimed calls start every timed repeat, so that a
+    function does not pay for the caches the previous one flushed (a large
+    GEMM between forward passes, say).
     """
     if not fns:
         raise ValueError("time_interleaved needs at least one function")
-    if warmup < 0 or rounds < 1:
-        raise ValueError(f"need warmup >= 0 and rounds >= 1, got {warmup} and {rounds}")
+    if warmup < 0 or rounds < 1 or block_warmup < 0:
+        raise ValueError(
+            f"need warmup >= 0, rounds >= 1 and block_warmup >= 0, got {warmup}, {rounds} and {block_warmup}"
+        )
     inner = {}
     for name, fn in fns.items():
         for _ in range(warmup):
@@ -120,6 +129,8 @@ def time_interleaved(
     for _ in range(rounds):
         for name, fn in fns.items():
             n = inner[name]
+            for _ in range(block_warmup):
+                fn()
             start = time.perf_counter()
             for _ in range(n):
                 fn()

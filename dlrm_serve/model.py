@@ -12,11 +12,9 @@ The tables live in one concatenated ``[R, D]`` tensor with per-table row
 offsets (applied by :mod:`dlrm_serve.features`), so all lookups are one
 gather or one ``embedding_bag`` with no Python loop per table.
 
-For speed the forward hands data between stages in layouts that skip
-copies, with the same results: the lookups come stacked as ``[B, 1+F, D]``
-with row 0 free for the dense vector, and the interaction hands the top MLP
-column blocks that its first layer multiplies one by one (see
-:meth:`InteractionArch.parts` and :meth:`OverArch.forward_parts`).
+For large batches the lookups come stacked as ``[B, 1+F, D]`` with row 0
+left free for the dense vector, which saves the interaction a copy of every
+looked-up row (``SparseArch(..., lead=1)``); the results are the same.
 """
 
 from __future__ import annotations
@@ -29,7 +27,20 @@ from torch import nn
 
 from .config import DLRMConfig
 
-__all__ = ["DenseArch", "SparseArch", "InteractionArch", "OverArch", "DLRM", "mlp_layers", "run_mlp"]
+__all__ = [
+    "DenseArch",
+    "SparseArch",
+    "InteractionArch",
+    "OverArch",
+    "DLRM",
+    "mlp_layers",
+    "run_mlp",
+    "STACK_MIN_BATCH",
+]
+
+# Batches from this size on get their lookups stacked (see SparseArch's ``lead``):
+# measured on 2 cores, a win at 2048 rows and a loss at 256.
+STACK_MIN_BATCH = 512
 
 
 def mlp_layers(widths: list[int] | tuple[int, ...], in_width: int, last_relu: bool) -> nn.Sequential:
@@ -52,15 +63,15 @@ def mlp_layers(widths: list[int] | tuple[int, ...], in_width: int, last_relu: bo
     return nn.Sequential(*layers)
 
 
-def run_mlp(mlp: nn.Sequential, x: torch.Tensor, start: int = 0) -> torch.Tensor:
-    """``mlp[start:](x)`` for a :func:`mlp_layers` stack, minus the per-layer overheads.
+def run_mlp(mlp: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+    """``mlp(x)`` for a :func:`mlp_layers` stack, minus the per-layer overheads.
 
     Each Linear is one ``addmm`` (the bias fused into the GEMM) and each
     ReLU runs in place on the fresh ``addmm`` output, which saves a
     full-size allocation and pass per layer.  Autograd-safe, so training
     shares this path: ``addmm`` saves its inputs, never its output.
     """
-    for layer in list(mlp)[start:]:
+    for layer in mlp:
         if isinstance(layer, nn.Linear):
             x = torch.addmm(layer.bias, x, layer.weight.t())
         elif isinstance(layer, nn.ReLU):
@@ -83,12 +94,30 @@ class DenseArch(nn.Module):
         return run_mlp(self.mlp, dense)
 
 
+def _stacked_offsets(
+    offsets: torch.Tensor | None, indices: torch.Tensor, batch_size: int, lead: int, f: int
+) -> torch.Tensor:
+    """Bag offsets ``[B*(lead+F)+1]`` with ``lead`` empty bags before each sample's F bags."""
+    dtype = indices.dtype
+    out = torch.empty(batch_size * (lead + f) + 1, dtype=dtype)
+    grid = out[:-1].view(batch_size, lead + f)
+    if offsets is None:  # one id per bag: sample b's bags start at b*F, b*F+1, ...
+        first = torch.arange(0, batch_size * f, f, dtype=dtype).unsqueeze(1)
+        torch.add(first, torch.arange(-lead, f, dtype=dtype).clamp_(min=0), out=grid)
+    else:
+        starts = offsets[:-1].view(batch_size, f)
+        grid[:, lead:] = starts
+        grid[:, :lead] = starts[:, :1]
+    out[-1] = indices.shape[0]
+    return out
+
+
 class SparseArch(nn.Module):
     """Sum-pooled lookups: ids ``[N]`` (+ bag offsets ``[B*F+1]``) -> ``[B, F, D]``.
 
     ``offsets=None`` means one id per bag (``N == B*F``), a plain gather.
     With ``lead=k`` the result is ``[B, k+F, D]``: k rows per sample left for
-    the caller to fill (content unspecified), then the F pooled rows.
+    the caller to fill (zeros), then the F pooled rows.
     With ``table_dtype="int8"`` the table is stored row-wise quantised:
     ``codes`` uint8 ``[R, D]`` and ``scale_bias`` float32 ``[R, 2]``, a row
     being ``codes * scale + bias``.
@@ -135,18 +164,16 @@ class SparseArch(nn.Module):
         f, d = self.num_tables, self.dim
         if lead < 0:
             raise ValueError(f"lead must be >= 0, got {lead}")
-        if (
-            lead
-            and offsets is None
-            and self.table_dtype == "float32"
-            and not (torch.is_grad_enabled() and self.weight.requires_grad)
-        ):
-            # Serving's common case: gather straight into the stacked layout,
-            # one dummy id (row 0) per reserved row, instead of concatenating
-            # a copy of every looked-up row afterwards.
-            ids = indices.new_zeros(batch_size, lead + f)
-            ids[:, lead:] = indices.view(batch_size, f)
-            return self.weight.index_select(0, ids.view(-1)).view(batch_size, lead + f, d)
+        if lead and self.table_dtype == "float32":
+            # Empty bags (pooled to zeros) in front of every sample's F bags give
+            # the stacked layout straight from the table, with no copy of the
+            # rows; embedding_bag's sum kernel also gathers faster than
+            # index_select, and its gradient (sparse or not) is the usual one.
+            bags = _stacked_offsets(offsets, indices, batch_size, lead, f)
+            pooled = F.embedding_bag(
+                indices, self.weight, bags, mode="sum", sparse=self.sparse_grad, include_last_offset=True
+            )
+            return pooled.view(batch_size, lead + f, d)
         if self.table_dtype == "float32":
             if offsets is None:
                 if self.sparse_grad:
@@ -176,7 +203,7 @@ class InteractionArch(nn.Module):
 
     ``sparse`` may also come stacked, ``[B, 1+F, D]`` with row 0 free
     (``SparseArch(..., lead=1)``): the dense vector is then written into
-    row 0 in place and nothing is concatenated.
+    row 0 in place instead of being concatenated with a copy of ``sparse``.
 
     ``dot``: the bottom output followed by the pairwise dot products of the
     F+1 vectors, lower triangle in the reference's order (row i, then
@@ -196,13 +223,6 @@ class InteractionArch(nn.Module):
         self.register_buffer("pairs", torch.tensor(flat, dtype=torch.long), persistent=False)
 
     def forward(self, dense: torch.Tensor, sparse: torch.Tensor) -> torch.Tensor:
-        return torch.cat(self.parts(dense, sparse), dim=1)
-
-    def parts(self, dense: torch.Tensor, sparse: torch.Tensor) -> list[torch.Tensor]:
-        """The output as column blocks whose concatenation is ``forward``'s result.
-
-        ``dot``: ``[dense [B, D], pairs [B, I-D]]``; ``cat``: ``[all [B, I]]``.
-        """
         b = dense.shape[0]
         rows = sparse.shape[1]
         if rows == self.num_tables + 1:
@@ -217,9 +237,9 @@ class InteractionArch(nn.Module):
             )
         # t: [B, F+1, D]
         if self.op == "cat":
-            return [t.reshape(b, -1)]
+            return t.reshape(b, -1)
         z = torch.bmm(t, t.transpose(1, 2))  # [B, F+1, F+1]
-        return [dense, z.reshape(b, -1).index_select(1, self.pairs)]
+        return torch.cat([dense, z.reshape(b, -1).index_select(1, self.pairs)], dim=1)
 
 
 class OverArch(nn.Module):
@@ -233,24 +253,6 @@ class OverArch(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return run_mlp(self.mlp, x).squeeze(1)
-
-    def forward_parts(self, parts: list[torch.Tensor]) -> torch.Tensor:
-        """``forward(torch.cat(parts, 1))`` without building the concatenation.
-
-        The first layer becomes one ``addmm`` per column block of its weight,
-        accumulated in place: a [B, I] copy saved for a few extra small GEMMs.
-        """
-        first = self.mlp[0]
-        w = first.weight
-        width = sum(p.shape[1] for p in parts)
-        if width != w.shape[1]:
-            raise ValueError(f"the parts are {width} columns wide, the top MLP takes {w.shape[1]}")
-        x, col = None, 0
-        for p in parts:
-            wk = w[:, col : col + p.shape[1]].t()
-            x = torch.addmm(first.bias, p, wk) if x is None else x.addmm_(p, wk)
-            col += p.shape[1]
-        return run_mlp(self.mlp, x, start=1).squeeze(1)
 
 
 class DLRM(nn.Module):
@@ -273,8 +275,10 @@ class DLRM(nn.Module):
     def logits(self, dense: torch.Tensor, indices: torch.Tensor, offsets: torch.Tensor | None = None) -> torch.Tensor:
         b = dense.shape[0]
         x = self.dense_arch(dense)
-        t = self.sparse_arch(indices, offsets, b, lead=1)  # [B, 1+F, D], row 0 left for x
-        return self.over_arch.forward_parts(self.interaction.parts(x, t))
+        # Stacking pays for its few extra small ops only once the copy it saves is large.
+        lead = 1 if b >= STACK_MIN_BATCH else 0
+        e = self.sparse_arch(indices, offsets, b, lead=lead)  # [B, lead+F, D]
+        return self.over_arch(self.interaction(x, e))
 
     def forward(self, dense: torch.Tensor, indices: torch.Tensor, offsets: torch.Tensor | None = None) -> torch.Tensor:
         p = torch.sigmoid(self.logits(dense, indices, offsets))

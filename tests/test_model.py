@@ -20,7 +20,7 @@ from dlrm_serve.artifacts import CONFIG_FILE, WEIGHTS_FILE, check_artifacts, loa
 from dlrm_serve.config import PRESETS, DLRMConfig, preset
 from dlrm_serve.errors import ArtifactError
 from dlrm_serve.features import FeatureEncoder
-from dlrm_serve.model import DLRM, DenseArch, InteractionArch, OverArch, SparseArch
+from dlrm_serve.model import STACK_MIN_BATCH, DLRM, DenseArch, InteractionArch, OverArch, SparseArch
 
 SMALL = dict(
     table_sizes=(7, 3, 11, 5),
@@ -181,7 +181,8 @@ def test_one_id_per_bag_fast_path_equals_offsets_path():
     with torch.no_grad():
         assert torch.equal(model.sparse_arch(idx, None, 6), model.sparse_arch(idx, off, 6))
         assert torch.equal(model(d, idx), model(d, idx, off))
-        torch.testing.assert_close(model(d, idx), torch.sigmoid(reference_logits(model, d, reference_pooled(model, rows))))
+        want = torch.sigmoid(reference_logits(model, d, reference_pooled(model, rows)))
+        torch.testing.assert_close(model(d, idx), want)
 
 
 @pytest.mark.parametrize("op,self_", INTERACTIONS)
@@ -202,13 +203,29 @@ def test_stacked_lookups_feed_the_interaction_like_plain_ones(op, self_, multi_h
         stacked = model.sparse_arch(idx, off, 6, lead=1)
         assert stacked.shape == (6, cfg.num_sparse + 1, cfg.embedding_dim)
         assert torch.equal(stacked[:, 1:], plain)
-        parts = model.interaction.parts(x, stacked)
+        out = model.interaction(x, stacked)
         assert torch.equal(stacked[:, 0], x)  # the dense vector went into the free row
-        assert torch.equal(torch.cat(parts, dim=1), model.interaction(x, plain))
-        # Same sums, accumulated block by block: equal up to rounding.
-        torch.testing.assert_close(
-            model.over_arch.forward_parts(parts), model.over_arch(model.interaction(x, plain)), rtol=1e-6, atol=1e-6
-        )
+        assert torch.equal(out, model.interaction(x, plain))
+
+
+def test_large_batches_take_the_stacked_path_with_the_same_predictions():
+    model = small_model(seed=14)
+    cfg = model.config
+    b = STACK_MIN_BATCH
+    rng = np.random.default_rng(14)
+    rows = [[[int(rng.integers(0, s))] for s in cfg.table_sizes] for _ in range(b)]
+    d, idx, _ = as_torch(encode(cfg, rng.random((b, 3)).astype(np.float32), rows))
+    calls = []
+    hook = model.sparse_arch.register_forward_hook(
+        lambda mod, args, kwargs, out: calls.append(out.shape), with_kwargs=True
+    )
+    with torch.no_grad():
+        p = model(d, idx)
+        model(d[:2], idx[: 2 * cfg.num_sparse])
+    hook.remove()
+    assert calls == [(b, cfg.num_sparse + 1, cfg.embedding_dim), (2, cfg.num_sparse, cfg.embedding_dim)]
+    want = torch.sigmoid(reference_logits(model, d, reference_pooled(model, rows)))
+    torch.testing.assert_close(p, want, rtol=1e-5, atol=1e-6)
 
 
 def test_int8_table_pools_dequantised_rows():
@@ -236,14 +253,15 @@ def test_loss_threshold_clamps_probabilities():
 
 
 # ----- the training path ------------------------------------------------------------
-def test_training_path_gives_sparse_table_grads_and_reference_mlp_grads():
+@pytest.mark.parametrize("batch", [8, STACK_MIN_BATCH])
+def test_training_path_gives_sparse_table_grads_and_reference_mlp_grads(batch):
     model = small_model(seed=6)
     model.train()
     model.sparse_arch.sparse_grad = True
     cfg = model.config
-    rows = random_rows(cfg, 8, seed=7)
-    d, idx, off = as_torch(encode(cfg, np.random.default_rng(8).random((8, 3)).astype(np.float32), rows))
-    y = torch.tensor([0.0, 1.0] * 4)
+    rows = random_rows(cfg, batch, seed=7)
+    d, idx, off = as_torch(encode(cfg, np.random.default_rng(8).random((batch, 3)).astype(np.float32), rows))
+    y = torch.tensor([0.0, 1.0] * (batch // 2))
     loss = nn.functional.binary_cross_entropy_with_logits(model.logits(d, idx, off), y)
     loss.backward()
     grad = model.sparse_arch.weight.grad
@@ -280,7 +298,6 @@ def reference_logits_autograd(model: DLRM, dense, pooled):
         (lambda: InteractionArch(3, 4, "sum"), "'sum'"),
         (lambda: SparseArch(10, 2, 4)(torch.zeros(2, dtype=torch.long), None, 1, lead=-1), "lead must be >= 0, got -1"),
         (lambda: InteractionArch(3, 4)(torch.zeros(1, 4), torch.zeros(1, 5, 4)), "5 rows per sample; expected 3"),
-        (lambda: OverArch(8, (4, 1)).forward_parts([torch.zeros(1, 3)]), "3 columns wide, the top MLP takes 8"),
         (lambda: OverArch(8, (4, 2)), r"\[4, 2\]"),
     ],
 )
