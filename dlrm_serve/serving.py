@@ -10,7 +10,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-import numpy as np
 
 from .backends import Backend
 from .codecs import MAX_ROWS, decode_request, predictions_body
@@ -90,7 +89,4 @@ class Predictor:
                 stop = start + batch.batch_size
                 replies[i] = Reply(200, predictions_body(probs[start:stop]))
                 start = stop
-        return [r for r in replies if r is not None], stats
-
-    def predict_rows(self, batch: FeatureBatch) -> np.ndarray:
-        return self.backend.predict(batch)
+        return replies, stats  # every slot is filled: an error reply or predictions
