@@ -294,7 +294,10 @@ def main(argv: list[str] | None = None) -> int:
         bodies = bench_serve.payloads(encoder, sizes, copies=4)
         results: list[dict] = []
         library: list[dict] = []
-        with TorchServe(scratch / "ts", store, base_config=ROOT / "config.properties", load_models=None) as server:
+        # The shipped logging, as in bench_serve: TorchServe's default logs each request a dozen times.
+        with TorchServe(
+            scratch / "ts", store, base_config=ROOT / "config.properties", load_models=None, log_config=ROOT / "log4j2.xml"
+        ) as server:
             server.register(
                 "bench.mar", initial_workers=args.workers, batch_size=args.batch_size, max_batch_delay=args.max_batch_delay
             )
