@@ -242,7 +242,9 @@ def test_output_has_one_item_per_request_and_statuses_by_index(handler, demo_art
     out = handler.handle(data, ctx)
     assert len(out) == 10
     assert [ctx.get_response_status(i)[0] for i in range(10)] == [400 if i % 3 == 0 else 200 for i in range(10)]
-    assert len({o for i, o in enumerate(out) if i % 3}) == 1  # every good copy, the same answer
+    # Every good copy gets the same answer (to float32 rounding: rows of one GEMM may round apart).
+    good = [json.loads(o)["predictions"][0] for i, o in enumerate(out) if i % 3]
+    np.testing.assert_allclose(good, [good[0]] * len(good), atol=1e-6, rtol=0)
 
 
 def metric_lines(caplog) -> dict[str, str]:
@@ -255,7 +257,7 @@ def test_handler_publishes_metrics_once_per_interval(handler_module, demo_artifa
     h = handler_module.DLRMHandler()
     h.initialize(make_context(demo_artifacts, {"dlrm": {"metrics_interval": 10}}))
     now = [100.0]
-    h.clock = lambda: now[0]
+    h.window.clock = lambda: now[0]
     rows = make_rows(4, seed=7)
 
     def batch():
@@ -293,8 +295,9 @@ def test_handler_module_defines_exactly_one_class(handler_module):
 
 
 
-def test_read_settings(handler_module):
-    read = handler_module.read_settings
+def test_read_settings():
+    from dlrm_serve.serving import read_settings as read
+
     assert read({}, cpu_count=4) == {
         "backend": "torch", "max_rows": MAX_ROWS, "threads": 4, "touch_tables": False, "metrics_interval": 1.0,
     }
