@@ -13,6 +13,7 @@ __all__ = [
     "ArtifactError",
     "ServerError",
     "AuthError",
+    "InternalError",
 ]
 
 
@@ -77,3 +78,13 @@ class AuthError(ServerError):
     """A missing, wrong or expired token (client side)."""
 
     status = 401
+
+
+class InternalError(DLRMServeError):
+    """An unexpected failure while serving one request (HTTP 500).
+
+    Its message names what failed without the internal exception text;
+    the traceback goes to the worker's log.
+    """
+
+    status = 500

@@ -22,16 +22,43 @@ the field and the reason.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import chain
+from operator import itemgetter
 from typing import Any, Sequence
 
 import numpy as np
 
+try:  # optional: re-encodes parsed JSON columns in C, so they can be read vectorised
+    import orjson
+except ImportError:  # pragma: no cover - orjson is pinned in requirements.txt
+    orjson = None
+
 from .config import DLRMConfig
 from .errors import InvalidInput
 
-__all__ = ["FeatureBatch", "RawBatch", "FeatureEncoder", "hash_hex"]
+__all__ = [
+    "FeatureBatch",
+    "RawBatch",
+    "FeatureEncoder",
+    "hash_hex",
+    "hash_segments",
+    "MAX_CATEGORICAL_CHARS",
+    "MAX_NUMBER_CHARS",
+    "MAX_BAG_IDS",
+    "int_fields",
+]
 
 _F32_MAX = float(np.finfo(np.float32).max)
+
+# Limits on values that are never legitimate.  They are checked before any
+# array is built from the values, so memory stays bounded by the body.
+# A Criteo categorical is 8 hex digits; 64 leaves room for longer hashes.
+MAX_CATEGORICAL_CHARS = 64
+# A dense value sent as text (Criteo TSV): a float32 needs far fewer characters.
+MAX_NUMBER_CHARS = 64
+# Ids in one multi-hot bag (one feature of one row).
+MAX_BAG_IDS = 1024
+_NONE = type(None)
 
 # Hex digit value per byte; -1 is not a hex digit.
 _HEX_LUT8 = np.full(256, -1, dtype=np.int8)
@@ -123,48 +150,140 @@ class RawBatch:
         return int(self.dense.shape[0])
 
 
-def hash_hex(values: np.ndarray, sizes: np.ndarray) -> np.ndarray:
-    """``int(v, 16) % size`` for an array of hex strings, vectorised.
+def hash_segments(buf: np.ndarray, starts: np.ndarray, lengths: np.ndarray, sizes: np.ndarray) -> np.ndarray:
+    """``int(text, 16) % size`` for ``M`` hex strings that are slices of one byte buffer.
 
-    ``values``: str array ``[M]`` of non-empty strings; ``sizes``: int64 ``[M]``
-    (or a scalar).  Returns int64 ``[M]``.  Raises ``ValueError`` with the
-    position of the first string that is not plain hex (no sign, prefix,
-    underscore or space, which ``int()`` would accept).
+    ``buf``: uint8 ``[C]``; ``starts``, ``lengths``: int64 ``[M]`` (each
+    length >= 1); ``sizes``: int64 ``[M]``.  Returns int64 ``[M]``.  Work and
+    memory are linear in the number of strings and their bytes: strings of up
+    to 15 digits are read as one or two 64-bit words each and converted eight
+    digits at a time, never padded to the longest one.  Raises
+    :class:`_HexError` with the index of the first string that is not plain hex.
     """
-    values = np.asarray(values, dtype=np.str_)
-    m = values.shape[0]
+    m = starts.shape[0]
+    out = np.empty(m, dtype=np.int64)
+    if m == 0:
+        return out
+    # 16 bytes in front, so the word ending at any string's end can be read.
+    padded = np.empty(buf.shape[0] + 16, dtype=np.uint8)
+    padded[:16] = 0x30
+    padded[16:] = buf
+    words = np.ndarray((padded.shape[0] - 7,), dtype="<u8", buffer=padded, strides=(1,))
+    first_bad = m
+    lmin, lmax = int(lengths.min()), int(lengths.max())
+    groups = [lmin] if lmin == lmax else np.unique(lengths).tolist()
+    for width in groups:
+        idx = None if lmin == lmax else np.flatnonzero(lengths == width)
+        st = starts if idx is None else starts[idx]
+        if width > 15:
+            # Beyond int64: Python ints, for a few rare long strings.
+            for k, s0 in enumerate(st.tolist()):
+                text = bytes(buf[s0 : s0 + width])
+                j = k if idx is None else int(idx[k])
+                if _HEX_LUT8[np.frombuffer(text, np.uint8)].min() < 0:
+                    first_bad = min(first_bad, j)
+                    continue
+                out[j] = int(text, 16) % int(sizes[j])
+            continue
+        end = st + (16 + width)  # in padded coordinates
+        values, ok = _hex_word(words[end - 8], min(width, 8))
+        if width > 8:
+            high, ok_high = _hex_word(words[end - 16], width - 8)
+            values |= high << np.uint64(32)
+            ok &= ok_high
+        if not ok.all():
+            k = int(np.argmin(ok))
+            first_bad = min(first_bad, k if idx is None else int(idx[k]))
+            continue
+        values = values.view(np.int64)
+        if idx is None:
+            np.remainder(values, sizes, out=out)
+        else:
+            out[idx] = values % sizes[idx]
+    if first_bad < m:
+        raise _HexError(first_bad, "")
+    return out
+
+
+_U = np.uint64
+_LOW_NIBBLES, _ONES = _U(0x0F0F0F0F0F0F0F0F), _U(0x0101010101010101)
+
+
+def _hex_word(x: np.ndarray, digits: int) -> tuple[np.ndarray, np.ndarray]:
+    """Eight ASCII characters per little-endian uint64 (the last ``digits`` of them hex) -> values.
+
+    Returns (uint64 values < 2**32, bool ok).  The leading ``8 - digits``
+    bytes belong to other text and read as '0'.  Each byte becomes its digit
+    (``c & 15``, plus 9 for letters), is checked by re-encoding it, and the
+    eight digits are folded pairwise into one number (SWAR: no per-byte loop).
+    """
+    if digits < 8:
+        keep = ~_U((1 << (8 * (8 - digits))) - 1)
+        x = (x & keep) | (_U(0x3030303030303030) & ~keep)
+    v = (x & _LOW_NIBBLES) + ((x >> _U(6)) & _ONES) * _U(9)
+    letter = ((v + _U(0x0606060606060606)) >> _U(4)) & _ONES  # digit >= 10
+    canonical = v + _U(0x3030303030303030) + letter * _U(0x27)  # '0'..'9', 'a'..'f'
+    ok = ((v & ~_LOW_NIBBLES) == 0) & ((x | (letter * _U(0x20))) == canonical)
+    # First character is the most significant digit: fold byte pairs, then 16- and 32-bit lanes.
+    v = ((v & _U(0x000F000F000F000F)) << _U(4)) | ((v >> _U(8)) & _U(0x000F000F000F000F))
+    v = ((v & _U(0x000000FF000000FF)) << _U(8)) | ((v >> _U(16)) & _U(0x000000FF000000FF))
+    v = ((v & _U(0xFFFF)) << _U(16)) | (v >> _U(32))
+    return v, ok
+
+
+def _join(strings: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """Strings as one ASCII buffer plus start and length of each; None if not all ASCII str.
+
+    The strings are joined with NUL separators, so the lengths come from a
+    vectorised search; a string that itself holds a NUL is not hex anyway
+    and sends the caller to the per-string path.
+    """
+    try:
+        joined = "\0".join(strings).encode("ascii")
+    except (TypeError, UnicodeEncodeError):
+        return None
+    buf = np.frombuffer(joined, dtype=np.uint8)
+    seps = np.flatnonzero(buf == 0)
+    m = len(strings)
+    if seps.shape[0] != m - 1:
+        lengths = np.fromiter(map(len, strings), dtype=np.int64, count=m)
+        starts = np.zeros(m, dtype=np.int64)
+        np.cumsum(lengths[:-1] + 1, out=starts[1:])
+        return buf, starts, lengths
+    starts = np.empty(m, dtype=np.int64)
+    starts[0] = 0
+    starts[1:] = seps + 1
+    ends = np.empty(m, dtype=np.int64)
+    ends[:-1] = seps
+    ends[-1] = buf.shape[0]
+    return buf, starts, ends - starts
+
+
+def hash_hex(values: Sequence[str] | np.ndarray, sizes: Any) -> np.ndarray:
+    """``int(v, 16) % size`` for a sequence of non-empty hex strings, vectorised.
+
+    ``values``: ``[M]`` strings (a list, or a str/object array); ``sizes``:
+    int64 ``[M]`` (or a scalar).  Returns int64 ``[M]``.  Raises
+    ``ValueError`` with the position of the first string that is not plain
+    hex (no sign, prefix, underscore or space, which ``int()`` would accept).
+    """
+    strings = [str(v) for v in values] if isinstance(values, np.ndarray) else list(values)
+    m = len(strings)
     sizes = np.broadcast_to(np.asarray(sizes, dtype=np.int64), (m,))
     if m == 0:
         return np.zeros(0, dtype=np.int64)
+    joined = _join(strings)
+    if joined is None:
+        first = next(i for i, v in enumerate(strings) if not v.isascii())
+        raise _HexError(first, strings[first])
+    buf, starts, lengths = joined
+    if (lengths == 0).any():
+        first = int(np.argmax(lengths == 0))
+        raise _HexError(first, strings[first])
     try:
-        # One byte per character: several times faster to index than UCS-4.
-        raw = values.astype(np.bytes_)
-    except UnicodeEncodeError:
-        first = next(i for i, v in enumerate(values.tolist()) if not v.isascii())
-        raise _HexError(first, str(values[first])) from None
-    width = raw.dtype.itemsize
-    codes = raw.view(np.uint8).reshape(m, width)
-    lengths = np.char.str_len(values)
-    digits = _HEX_LUT8[codes]  # NUL and non-hex bytes are -1
-    inside = np.arange(width)[None, :] < lengths[:, None]
-    bad = ((digits < 0) & inside).any(axis=1) | (lengths == 0)
-    if bad.any():
-        first = int(np.argmax(bad))
-        raise _HexError(first, str(values[first]))
-    out = np.empty(m, dtype=np.int64)
-    short = lengths <= 15
-    if short.all():
-        d, n = digits, lengths
-    else:
-        d, n = digits[short], lengths[short]
-    # Up to 15 hex digits fit in int64: fold column by column.
-    acc = np.zeros(d.shape[0], dtype=np.int64)
-    for j in range(min(width, 15)):
-        acc = np.where(j < n, (acc << 4) | d[:, j], acc)
-    out[short] = acc % sizes[short]
-    for i in np.flatnonzero(~short):
-        out[i] = int(values[i], 16) % int(sizes[i])
-    return out
+        return hash_segments(buf, starts, lengths, sizes)
+    except _HexError as e:
+        raise _HexError(e.position, strings[e.position]) from None
 
 
 class _HexError(ValueError):
@@ -180,6 +299,139 @@ def _hex_message(value: str) -> str:
         f"{shown!r} is not a hex string (categorical strings are Criteo hex "
         f"values like '68fd1e64'; use an int for a row index, null for missing)"
     )
+
+
+_MINUS, _ZERO, _COMMA, _QUOTE, _N = 45, 48, 44, 34, 110
+_DENSE, _SPARSE = itemgetter("dense"), itemgetter("sparse")
+
+
+def int_fields(buf: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray | None:
+    """Integer text fields of one byte buffer (``-?[0-9]{1,16}``; empty = NaN) -> float32.
+
+    Returns None when any field holds other text (the caller's per-value
+    path then parses or names it).  Each field is read as two 64-bit words
+    and converted eight digits at a time, so the work does not grow with
+    the longest field.
+    """
+    m = starts.shape[0]
+    out = np.full(m, np.nan, dtype=np.float32)
+    if m == 0:
+        return out
+    lengths = ends - starts
+    if int(lengths.max()) > 17:
+        return None
+    neg = (buf[np.minimum(starts, buf.shape[0] - 1)] == _MINUS) & (lengths > 1)
+    digits = lengths - neg
+    if int(digits.max()) > 16:
+        return None
+    # 16 bytes in front, so the words ending at any field's end can be read.
+    padded = np.empty(buf.shape[0] + 16, dtype=np.uint8)
+    padded[:16] = _ZERO
+    padded[16:] = buf
+    words = np.ndarray((padded.shape[0] - 7,), dtype="<u8", buffer=padded, strides=(1,))
+    end = ends + 16
+    low, ok = _decimal_word(words[end - 8], np.minimum(digits, 8))
+    high, ok_high = _decimal_word(words[end - 16], np.maximum(digits - 8, 0))
+    if not (ok & ok_high).all():
+        return None
+    value = (high * _U(100_000_000) + low).view(np.int64)
+    np.negative(value, out=value, where=neg)
+    present = lengths > 0
+    out[present] = value[present].astype(np.float64)
+    return out
+
+
+def _decimal_word(x: np.ndarray, digits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Eight ASCII characters per little-endian uint64, the last ``digits[i]`` of them decimal -> values.
+
+    The leading bytes belong to other text and read as '0'.  Returns
+    (uint64 values < 10**8, bool ok).  SWAR: bytes are checked together,
+    then folded into 2-, 4- and 8-digit lanes by multiply-and-shift.
+    """
+    other = (8 - digits).astype(np.uint64) * _U(8)  # bits of leading non-digit text
+    mask = np.where(digits == 0, _U(0), ~((_U(1) << other) - _U(1)))
+    x = (x & mask) | (_U(0x3030303030303030) & ~mask)
+    ok = ((x & _U(0xF0F0F0F0F0F0F0F0)) == _U(0x3030303030303030)) & (
+        ((x + _U(0x0606060606060606)) & _U(0xF0F0F0F0F0F0F0F0)) == _U(0x3030303030303030)
+    )
+    x = x - _U(0x3030303030303030)
+    x = (x * _U(10) + (x >> _U(8))) & _U(0x00FF00FF00FF00FF)
+    x = (x * _U(100) + (x >> _U(16))) & _U(0x0000FFFF0000FFFF)
+    x = (x * _U(10000) + (x >> _U(32))) & _U(0xFFFFFFFF)
+    return x, ok
+
+
+def _json_fields(values: list) -> tuple[bytes, np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
+    """JSON scalars re-encoded by orjson -> (text, buffer, starts, ends, first byte), one field per value.
+
+    Inside the outer brackets the text is one comma-separated list.  A
+    comma inside a value changes the count (None is returned, as for
+    anything orjson cannot encode); a nested list, object or escaped text
+    shows in the fields themselves, which the callers check.
+    orjson writes None (and NaN or infinity) as ``null``: a field whose
+    first byte is ``n``.
+    """
+    try:
+        text = orjson.dumps(values)
+    except TypeError:  # ints beyond 64 bits, and non-JSON objects
+        return None
+    m = len(values)
+    buf = np.frombuffer(text, dtype=np.uint8)[1:-1]
+    commas = np.flatnonzero(buf == _COMMA)
+    if commas.shape[0] != m - 1:
+        return None
+    starts = np.empty(m, dtype=np.int64)
+    starts[0] = 0
+    starts[1:] = commas + 1
+    ends = np.empty(m, dtype=np.int64)
+    ends[:-1] = commas
+    ends[-1] = buf.shape[0]
+    return text, buf, starts, ends, buf[np.minimum(starts, buf.shape[0] - 1)]
+
+
+def _getter(names: Sequence[str]):
+    """A C-level getter of ``names`` that always returns a tuple."""
+    get = itemgetter(*names)
+    return get if len(names) > 1 else (lambda d: (get(d),))
+
+
+def _is_text(arr: np.ndarray) -> bool:
+    """An object array that holds only str (text columns, e.g. from :func:`codecs.split_tsv`)."""
+    return arr.dtype == object and set(map(type, arr.reshape(-1).tolist())) <= {str}
+
+
+def _fast_dense(rows: list) -> np.ndarray | None:
+    """Rows of raw dense values (numbers or None) -> float32 ``[B, num_dense]``, None -> NaN.
+
+    Returns None when any value needs the per-value path: booleans,
+    strings, NaN, infinities and values beyond float32, which it names.
+    """
+    if orjson is not None:
+        flat = list(chain.from_iterable(rows))
+        fields = _json_fields(flat)
+        if fields is not None:
+            _, buf, starts, ends, first = fields
+            is_null = first == _N
+            out = int_fields(buf, starts, np.where(is_null, starts, ends))
+            # Every null must be a None: orjson also writes NaN and infinity as null.
+            if out is not None and int(is_null.sum()) == flat.count(None):
+                return out.reshape(len(rows), -1)
+    kinds = set(map(type, chain.from_iterable(rows)))
+    if not kinds <= {int, float, _NONE}:
+        return None
+    try:
+        arr = np.array(rows, dtype=np.float64)
+    except (OverflowError, TypeError, ValueError):
+        return None
+    if float in kinds:
+        # A NaN that was sent (Python's json reads NaN) is an error; None is missing.
+        nones = sum(r.count(None) for r in rows) if _NONE in kinds else 0
+        if int(np.count_nonzero(np.isnan(arr))) != nones:
+            return None
+    with np.errstate(invalid="ignore"):
+        if (np.abs(arr) > _F32_MAX).any():
+            return None
+    return arr.astype(np.float32)
 
 
 def _type_name(v: Any) -> str:
@@ -212,6 +464,9 @@ class FeatureEncoder:
         self.transform = config.dense_transform
         self._dense_index = {n: i for i, n in enumerate(self.dense_names)}
         self._sparse_index = {n: i for i, n in enumerate(self.sparse_names)}
+        self._names = frozenset(self.dense_names + self.sparse_names)
+        self._get_dense = _getter(self.dense_names)
+        self._get_sparse = _getter(self.sparse_names)
 
     # ----- the public routes ---------------------------------------------------
     def encode_instances(self, instances: Sequence[Any]) -> FeatureBatch:
@@ -223,7 +478,16 @@ class FeatureEncoder:
         return self.finish(self.raw_columns(dense, sparse))
 
     def raw_instances(self, instances: Sequence[Any]) -> "RawBatch":
-        """JSON-style instances, validated and hashed but not transformed."""
+        """JSON-style instances, validated and hashed but not transformed.
+
+        Instances of the common shapes (all positional or all by name, plain
+        numbers and hex strings or int ids) take a vectorised path; anything
+        else, and every error, goes through the per-value path, which names
+        the instance and field.
+        """
+        fast = self._fast_instances(instances)
+        if fast is not None:
+            return fast
         dense_rows: list[list[Any]] = []
         sparse_rows: list[list[Any]] = []
         for row, inst in enumerate(instances):
@@ -231,6 +495,119 @@ class FeatureEncoder:
             dense_rows.append(d)
             sparse_rows.append(s)
         return self.raw_columns(dense_rows, sparse_rows)
+
+    def _fast_instances(self, instances: Sequence[Any]) -> "RawBatch | None":
+        """The vectorised path of :meth:`raw_instances`; None when it does not apply."""
+        b = len(instances)
+        if b == 0 or set(map(type, instances)) != {dict}:
+            return None
+        first = instances[0]
+        if "dense" in first:
+            if set(map(len, instances)) != {2}:
+                return None
+            try:
+                dense_rows = list(map(_DENSE, instances))
+                sparse_rows = list(map(_SPARSE, instances))
+            except KeyError:
+                return None
+            nd, ns = self.num_dense, self.num_sparse
+            if set(map(type, dense_rows)) != {list} or set(map(type, sparse_rows)) != {list}:
+                return None
+            if set(map(len, dense_rows)) != {nd} or set(map(len, sparse_rows)) != {ns}:
+                return None
+        else:
+            names, width = self._names, self.num_dense + self.num_sparse
+            # All fields present: two C-level getters; else the missing ones read as None.
+            if not all(len(i) == width or (i and i.keys() <= names) for i in instances):
+                return None
+            try:
+                dense_rows = list(map(self._get_dense, instances))
+                sparse_rows = list(map(self._get_sparse, instances))
+            except KeyError:
+                if not all(i.keys() <= names for i in instances):
+                    return None
+                dense_rows = [tuple(map(i.get, self.dense_names)) for i in instances]
+                sparse_rows = [tuple(map(i.get, self.sparse_names)) for i in instances]
+        dense = _fast_dense(dense_rows)
+        if dense is None:
+            return None
+        strings = self._json_strings(sparse_rows, b) if orjson is not None else None
+        if strings is not None:
+            return RawBatch(dense, *strings)
+        flat = list(chain.from_iterable(sparse_rows))
+        # Hex strings (null = missing) are the common case: try them first; join
+        # refuses anything that is not a str.
+        joined = _join(flat)
+        if joined is None and None in flat:
+            flat = ["" if v is None else v for v in flat]
+            joined = _join(flat)
+        if joined is not None:
+            local, lengths = self.hash_text(*joined, b, flat.__getitem__)
+        elif set(map(type, flat)) == {int}:
+            try:
+                local = np.array(flat, dtype=np.int64)
+            except OverflowError:
+                return None
+            self._check_range(local, None, b)
+            lengths = None
+        else:
+            return None
+        return RawBatch(dense, local, lengths)
+
+    def _json_strings(self, rows: list, b: int) -> tuple[np.ndarray, np.ndarray | None] | None:
+        """Rows of hex strings or None, read from orjson's encoding; None for any other values."""
+        flat = list(chain.from_iterable(rows))
+        fields = _json_fields(flat)
+        if fields is None:
+            return None
+        text, buf, starts, ends, first = fields
+        # Each value is null or a quoted string; a quote inside a value breaks the count.
+        is_null = first == _N
+        quoted = (first == _QUOTE) & (buf[ends - 1] == _QUOTE)
+        if not (is_null | quoted).all() or text.count(b'"') != 2 * (len(flat) - int(is_null.sum())):
+            return None
+        lengths = np.where(is_null, 0, ends - starts - 2)
+        return self.hash_text(buf, starts + 1, lengths, b, flat.__getitem__)
+
+    def _hash_cells(self, flat: list[str], b: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """``B*F`` categorical strings, ``""`` = missing -> local ids and bag lengths."""
+        joined = _join(flat)
+        if joined is None:
+            first = next(i for i, v in enumerate(flat) if not v.isascii())
+            raise self._cell_error(first, _hex_message(flat[first]))
+        return self.hash_text(*joined, b, flat.__getitem__)
+
+    def hash_text(
+        self, buf: np.ndarray, starts: np.ndarray, lengths: np.ndarray, b: int, text_of=None
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """``B*F`` categorical cells given as slices of one byte buffer -> ids and bag lengths.
+
+        A cell of length 0 is missing (an empty bag).  ``text_of(cell)``
+        gives a cell's text for error messages (default: decoded from ``buf``).
+        """
+        if text_of is None:
+            text_of = lambda k: bytes(buf[starts[k] : starts[k] + lengths[k]]).decode("utf-8", "replace")  # noqa: E731
+        long = lengths > MAX_CATEGORICAL_CHARS
+        if long.any():
+            cell = int(np.argmax(long))
+            raise self._cell_error(
+                cell,
+                f"a categorical string of {int(lengths[cell])} characters is longer than the limit of "
+                f"{MAX_CATEGORICAL_CHARS} (Criteo values are 8 hex digits)",
+            )
+        present = lengths > 0
+        all_present = bool(present.all())
+        cells = np.arange(lengths.shape[0], dtype=np.int64) if all_present else np.flatnonzero(present)
+        sizes = np.tile(self.table_sizes, b) if all_present else self.table_sizes[cells % self.num_sparse]
+        try:
+            if all_present:
+                ids = hash_segments(buf, starts, lengths, sizes)
+            else:
+                ids = hash_segments(buf, starts[cells], lengths[cells], sizes)
+        except _HexError as e:
+            cell = int(cells[e.position])
+            raise self._cell_error(cell, _hex_message(text_of(cell))) from None
+        return ids, (None if all_present else present.astype(np.int64))
 
     def raw_columns(self, dense: Any, sparse: Any) -> "RawBatch":
         """Columns of raw values, validated and hashed but not transformed.
@@ -242,7 +619,7 @@ class FeatureEncoder:
         """
         dense_f32 = self._dense_raw(dense)
         b = dense_f32.shape[0]
-        if isinstance(sparse, np.ndarray) and sparse.dtype.kind in "US":
+        if isinstance(sparse, np.ndarray) and (sparse.dtype.kind in "US" or _is_text(sparse)):
             local, lengths = self._sparse_strings(sparse, b)
         elif isinstance(sparse, np.ndarray) and sparse.dtype.kind in "iu":
             local, lengths = self._sparse_int_array(sparse, b)
@@ -283,6 +660,9 @@ class FeatureEncoder:
             if (lengths < 0).any():
                 cell = int(np.argmax(lengths < 0))
                 raise self._cell_error(cell, "bag length is negative")
+            if (lengths > MAX_BAG_IDS).any():
+                cell = int(np.argmax(lengths > MAX_BAG_IDS))
+                raise self._cell_error(cell, self._bag_message(int(lengths[cell])))
             if int(lengths.sum()) != ids.shape[0]:
                 raise InvalidInput(
                     f"bag lengths add up to {int(lengths.sum())} but {ids.shape[0]} ids were sent"
@@ -358,7 +738,7 @@ class FeatureEncoder:
                 cell = int(np.argmax(bad.reshape(-1)))
                 raise self._dense_error(cell, dense.reshape(-1)[cell])
             return arr
-        if isinstance(dense, np.ndarray) and dense.dtype.kind in "US":
+        if isinstance(dense, np.ndarray) and (dense.dtype.kind in "US" or _is_text(dense)):
             return self._dense_strings(dense)
         rows = list(dense)
         b = len(rows)
@@ -402,33 +782,37 @@ class FeatureEncoder:
         )
 
     def _dense_strings(self, dense: np.ndarray) -> np.ndarray:
-        """Dense columns as text (Criteo TSV): ``""`` is missing."""
+        """Dense columns as text (Criteo TSV), ``[B, num_dense]``: ``""`` is missing."""
         if dense.ndim != 2 or dense.shape[1] != self.num_dense:
             raise InvalidInput(f"dense text must have shape [B, {self.num_dense}], got {list(dense.shape)}")
-        empty = dense == ""
-        filled = np.where(empty, "0", dense)
-        try:
-            values = filled.astype(np.float64)
-        except ValueError:
-            values = None
-        if values is not None:
-            # numpy also parses 'nan' and 'inf'; those are not counts.
-            bad = ~np.isfinite(values) | (np.abs(values) > _F32_MAX)
-            if not bad.any():
-                out = values.astype(np.float32)
-                out[empty] = np.nan
-                return out
-        # Slow path, only to name the first bad field.
-        for cell, text in enumerate(dense.reshape(-1)):
+        return self.parse_numbers([str(v) for v in dense.reshape(-1).tolist()]).reshape(dense.shape)
+
+    def parse_numbers(self, texts: list[str], first_cell: int = 0) -> np.ndarray:
+        """Dense values as text, cell by cell in row-major order -> float32 ``[len]``, NaN = missing.
+
+        ``first_cell`` is the row-major cell index of ``texts[0]`` (for messages).
+        """
+        out = np.empty(len(texts), dtype=np.float32)
+        for k, text in enumerate(texts):
             if text == "":
+                out[k] = np.nan
                 continue
+            if len(text) > MAX_NUMBER_CHARS:
+                row, col = divmod(first_cell + k, self.num_dense)
+                raise InvalidInput(
+                    f"a number of {len(text)} characters is longer than the limit of {MAX_NUMBER_CHARS}",
+                    row=row,
+                    field=self.dense_names[col],
+                )
             try:
                 x = float(text)
             except ValueError:
                 x = None
-            if x is None or not np.isfinite(x) or abs(x) > _F32_MAX:
-                raise self._dense_error(cell, str(text))
-        raise InvalidInput("dense values could not be parsed")  # pragma: no cover
+            # float() also parses 'nan' and 'inf'; those are not counts.
+            if x is None or x != x or abs(x) > _F32_MAX:
+                raise self._dense_error(first_cell + k, text)
+            out[k] = x
+        return out
 
     def _dense_error(self, cell: int, value: Any) -> InvalidInput:
         row, col = divmod(cell, self.num_dense)
@@ -454,21 +838,9 @@ class FeatureEncoder:
                 f"categorical values must have shape [{b}, {self.num_sparse}], got {list(arr.shape)}"
             )
 
-    def _hash(self, strings: np.ndarray, cells: np.ndarray) -> np.ndarray:
-        try:
-            return hash_hex(strings, self.table_sizes[cells % self.num_sparse])
-        except _HexError as e:
-            raise self._cell_error(int(cells[e.position]), _hex_message(e.value)) from None
-
     def _sparse_strings(self, sparse: np.ndarray, b: int) -> tuple[np.ndarray, np.ndarray | None]:
         self._check_shape(sparse, b)
-        flat = sparse.reshape(-1).astype(np.str_, copy=False)
-        present = flat != ""
-        if present.all():
-            cells = np.arange(flat.shape[0], dtype=np.int64)
-            return self._hash(flat, cells), None
-        cells = np.flatnonzero(present)
-        return self._hash(flat[cells], cells), present.astype(np.int64)
+        return self._hash_cells([str(v) for v in sparse.reshape(-1).tolist()], b)
 
     def _sparse_int_array(self, sparse: np.ndarray, b: int) -> tuple[np.ndarray, np.ndarray | None]:
         self._check_shape(sparse, b)
@@ -505,6 +877,8 @@ class FeatureEncoder:
                 cell += 1
                 # A single value is a bag of one; None and "" are empty bags either way.
                 in_list = type(v) is list or type(v) is tuple
+                if in_list and len(v) > MAX_BAG_IDS:
+                    raise self._cell_error(cell, self._bag_message(len(v)))
                 n = 0
                 for item in (v if in_list else (v,)):
                     t = type(item)
@@ -536,7 +910,8 @@ class FeatureEncoder:
         ids = np.empty(pos, dtype=np.int64)
         if str_vals:
             s_cell = np.asarray(str_cell, dtype=np.int64)
-            ids[np.asarray(str_pos, dtype=np.int64)] = self._hash(np.asarray(str_vals, dtype=np.str_), s_cell)
+            s_ids = self._hash_values(str_vals, s_cell)
+            ids[np.asarray(str_pos, dtype=np.int64)] = s_ids
         if int_vals:
             i_cell = np.asarray(int_cell, dtype=np.int64)
             sizes = self.table_sizes[i_cell % f_count]
@@ -549,6 +924,22 @@ class FeatureEncoder:
             return ids, None
         return ids, lengths
 
+    def _hash_values(self, values: list[str], cells: np.ndarray) -> np.ndarray:
+        """Non-empty hex strings of the given cells -> local ids."""
+        lengths = np.fromiter(map(len, values), dtype=np.int64, count=len(values))
+        long = lengths > MAX_CATEGORICAL_CHARS
+        if long.any():
+            k = int(np.argmax(long))
+            raise self._cell_error(
+                int(cells[k]),
+                f"a categorical string of {int(lengths[k])} characters is longer than the limit of "
+                f"{MAX_CATEGORICAL_CHARS} (Criteo values are 8 hex digits)",
+            )
+        try:
+            return hash_hex(values, self.table_sizes[cells % self.num_sparse])
+        except _HexError as e:
+            raise self._cell_error(int(cells[e.position]), _hex_message(e.value)) from None
+
     @staticmethod
     def _plain(v: Any) -> Any:
         """numpy scalars and str/int subclasses as plain str/int; anything else unchanged."""
@@ -557,6 +948,10 @@ class FeatureEncoder:
         if isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_)):
             return int(v)
         return v
+
+    @staticmethod
+    def _bag_message(n: int) -> str:
+        return f"a bag of {n} ids is longer than the limit of {MAX_BAG_IDS} ids per feature"
 
     def _id_type_message(self, v: Any) -> str:
         return (

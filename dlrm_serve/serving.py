@@ -10,6 +10,7 @@ neither torch nor TorchServe.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from dataclasses import dataclass, field
@@ -17,7 +18,7 @@ from typing import Any, Callable, Sequence
 
 from .backends import Backend
 from .codecs import MAX_ROWS, decode_request, predictions_body
-from .errors import DLRMServeError, InvalidInput
+from .errors import DLRMServeError, InternalError, InvalidInput
 from .features import FeatureBatch, FeatureEncoder
 
 __all__ = [
@@ -31,6 +32,8 @@ __all__ = [
     "content_type_of",
     "SETTINGS",
 ]
+
+logger = logging.getLogger(__name__)
 
 JSON_TYPE = "application/json"
 # Where TorchServe puts a request's payload: the raw REST body, a form field
@@ -234,6 +237,14 @@ class Predictor:
                 batch = decode_request(req.body, req.content_type, self.encoder, self.max_rows)
             except DLRMServeError as e:
                 replies[i] = Reply.error(e)
+                stats.invalid += 1
+                continue
+            except Exception as e:  # MemoryError included: this request fails alone
+                logger.exception("decoding request %d of the batch failed", i)
+                replies[i] = Reply.error(InternalError(
+                    f"decoding this request failed unexpectedly ({type(e).__name__}); "
+                    "the other requests of the batch were answered"
+                ))
                 stats.invalid += 1
                 continue
             batches.append(batch)

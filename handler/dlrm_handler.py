@@ -74,7 +74,7 @@ class DLRMHandler(BaseHandler):
             raise PredictionException(e.message, e.status) from e
         except Exception as e:  # a backend failure: fail this batch, keep the worker
             logger.exception("dlrm forward pass failed")
-            raise PredictionException(f"prediction failed: {type(e).__name__}: {e}", 500) from e
+            raise PredictionException(f"prediction failed ({type(e).__name__}); see the worker log", 500) from e
         out = []
         for idx, reply in enumerate(replies):
             if not reply.ok:
