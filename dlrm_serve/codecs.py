@@ -138,23 +138,26 @@ def split_tsv(
     numbers the rows in error messages.
     """
     width = num_dense + num_sparse
-    rows = [line.rstrip("\r\n").split("\t") for line in lines]
-    if not rows:
+    if not lines:
         raise InvalidInput("no Criteo lines")
-    n0 = len(rows[0])
+    # Fields are counted before any line is split, so a line of a million
+    # tabs costs no million strings.
+    counts = [line.count("\t") + 1 for line in lines]
+    n0 = counts[0]
     if n0 not in (width, width + 1):
         raise InvalidInput(
             f"a Criteo line has {width} fields ({num_dense} integer, {num_sparse} categorical) "
             f"or {width + 1} with the label first; got {n0}",
             row=first_row,
         )
-    for i, r in enumerate(rows):
-        if len(r) != n0:
+    for i, n in enumerate(counts):
+        if n != n0:
             raise InvalidInput(
-                f"has {len(r)} tab-separated fields but the first line has {n0}; "
+                f"has {n} tab-separated fields but the first line has {n0}; "
                 f"expected {width}, or {width + 1} with the label first",
                 row=first_row + i,
             )
+    rows = [line.rstrip("\r\n").split("\t") for line in lines]
     table = np.empty((len(rows), n0), dtype=object)
     table[:] = rows
     labels = None
@@ -202,14 +205,15 @@ def _fast_tsv(buf: np.ndarray, encoder: FeatureEncoder, max_rows: int) -> RawBat
         return None
     nd, ns = encoder.num_dense, encoder.num_sparse
     is_nl = buf == _NL
-    seps = np.flatnonzero(is_nl | (buf == _TAB))
+    is_sep = is_nl | (buf == _TAB)
     b = int(np.count_nonzero(is_nl)) + 1
-    if b > max_rows:
-        return None  # the per-line path words the limit
-    fields = seps.shape[0] + 1
+    fields = int(np.count_nonzero(is_sep)) + 1
     width = fields // b
-    if width not in (nd + ns, nd + ns + 1) or width * b != fields:
-        return None
+    # Counted before the separators are listed: their positions then take at
+    # most max_rows x (width) entries, whatever the body holds.
+    if b > max_rows or width not in (nd + ns, nd + ns + 1) or width * b != fields:
+        return None  # the per-line path words the problem
+    seps = np.flatnonzero(is_sep)
     # Every line must end exactly at every width-th separator.
     line_ends = seps[width - 1 :: width]
     if line_ends.shape[0] != b - 1 or not is_nl[line_ends].all():

@@ -21,6 +21,7 @@ the field and the reason.
 
 from __future__ import annotations
 
+from array import array
 from dataclasses import dataclass
 from itertools import chain
 from operator import itemgetter
@@ -785,7 +786,15 @@ class FeatureEncoder:
         """Dense columns as text (Criteo TSV), ``[B, num_dense]``: ``""`` is missing."""
         if dense.ndim != 2 or dense.shape[1] != self.num_dense:
             raise InvalidInput(f"dense text must have shape [B, {self.num_dense}], got {list(dense.shape)}")
-        return self.parse_numbers([str(v) for v in dense.reshape(-1).tolist()]).reshape(dense.shape)
+        texts = [str(v) for v in dense.reshape(-1).tolist()]
+        joined = _join(texts)
+        if joined is not None:
+            buf, starts, lengths = joined
+            values = int_fields(buf, starts, starts + lengths)
+            if values is not None:
+                return values.reshape(dense.shape)
+        # Decimals, exponents or bad text: field by field (names the bad one).
+        return self.parse_numbers(texts).reshape(dense.shape)
 
     def parse_numbers(self, texts: list[str], first_cell: int = 0) -> np.ndarray:
         """Dense values as text, cell by cell in row-major order -> float32 ``[len]``, NaN = missing.
@@ -859,14 +868,14 @@ class FeatureEncoder:
         if len(rows) != b:
             raise InvalidInput(f"got {b} dense rows but {len(rows)} categorical rows")
         f_count = self.num_sparse
+        sizes = self.table_sizes.tolist()
         lengths = np.ones(b * f_count, dtype=np.int64)
+        # Ids in stream order (strings hashed afterwards into their slots);
+        # typed arrays keep 8 bytes an id instead of a list of int objects.
+        ids_out = array("q")
         str_vals: list[str] = []
-        str_pos: list[int] = []  # position in the id stream
-        str_cell: list[int] = []
-        int_vals: list[int] = []
-        int_pos: list[int] = []
-        int_cell: list[int] = []
-        pos = 0
+        str_pos = array("q")  # slot in the id stream
+        str_cell = array("q")
         cell = -1
         for r, values in enumerate(rows):
             if len(values) != f_count:
@@ -875,6 +884,7 @@ class FeatureEncoder:
                 )
             for v in values:
                 cell += 1
+                size = sizes[cell % f_count]
                 # A single value is a bag of one; None and "" are empty bags either way.
                 in_list = type(v) is list or type(v) is tuple
                 if in_list and len(v) > MAX_BAG_IDS:
@@ -888,15 +898,15 @@ class FeatureEncoder:
                     if t is str:
                         if item:
                             str_vals.append(item)
-                            str_pos.append(pos)
+                            str_pos.append(len(ids_out))
                             str_cell.append(cell)
-                            pos += 1
+                            ids_out.append(0)
                             n += 1
                     elif t is int:
-                        int_vals.append(item)
-                        int_pos.append(pos)
-                        int_cell.append(cell)
-                        pos += 1
+                        # Python ints may exceed int64: compare before storing.
+                        if item < 0 or item >= size:
+                            raise self._cell_error(cell, self._range_message(item, cell))
+                        ids_out.append(item)
                         n += 1
                     elif item is None:
                         pass
@@ -907,19 +917,10 @@ class FeatureEncoder:
                     else:
                         raise self._cell_error(cell, self._id_type_message(item))
                 lengths[cell] = n
-        ids = np.empty(pos, dtype=np.int64)
+        ids = np.frombuffer(ids_out, dtype=np.int64).copy() if ids_out else np.zeros(0, dtype=np.int64)
         if str_vals:
-            s_cell = np.asarray(str_cell, dtype=np.int64)
-            s_ids = self._hash_values(str_vals, s_cell)
-            ids[np.asarray(str_pos, dtype=np.int64)] = s_ids
-        if int_vals:
-            i_cell = np.asarray(int_cell, dtype=np.int64)
-            sizes = self.table_sizes[i_cell % f_count]
-            # Python ints may exceed int64; compare before converting.
-            for k, v in enumerate(int_vals):
-                if v < 0 or v >= sizes[k]:
-                    raise self._cell_error(int(i_cell[k]), self._range_message(v, int(i_cell[k])))
-            ids[np.asarray(int_pos, dtype=np.int64)] = np.asarray(int_vals, dtype=np.int64)
+            s_cell = np.frombuffer(str_cell, dtype=np.int64)
+            ids[np.frombuffer(str_pos, dtype=np.int64)] = self._hash_values(str_vals, s_cell)
         if (lengths == 1).all():
             return ids, None
         return ids, lengths
