@@ -13,6 +13,7 @@ __all__ = [
     "ArtifactError",
     "ServerError",
     "AuthError",
+    "DeviceError",
 ]
 
 
@@ -77,3 +78,9 @@ class AuthError(ServerError):
     """A missing, wrong or expired token (client side)."""
 
     status = 401
+
+
+class DeviceError(DLRMServeError, ValueError):
+    """A device (CUDA) that was asked for but is not usable here; the message says what was found."""
+
+    status = 500
