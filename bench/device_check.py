@@ -98,7 +98,10 @@ def run_gpu_tests(timeout_s: float) -> dict:
     except subprocess.TimeoutExpired:
         return {"status": f"timed out after {timeout_s:.0f} s"}
     tail = (r.stdout + r.stderr).strip().splitlines()
-    return {"status": "passed" if r.returncode == 0 else f"failed (exit {r.returncode})", "tail": tail[-25:]}
+    summary = tail[-1].strip("= ") if tail else "no output"
+    # "passed" only when tests ran: all skipped (no CUDA seen by pytest) says so.
+    status = ("passed" if r.returncode == 0 and " passed" in summary else "did not pass") + f": {summary}"
+    return {"status": status, "tail": tail[-25:]}
 
 
 def random_inputs(config, rows: int, device: torch.device, seed: int):
@@ -246,7 +249,8 @@ def main(argv=None) -> int:
     report["results"] = results
     report["elapsed_s"] = round(time.perf_counter() - clock.start, 1)
     write_report(report, out, batches)
-    return 0 if report["tests"]["status"].startswith(("passed", "not run")) else 1
+    ok = report["tests"]["status"].startswith(("passed", "not run")) or not on_gpu
+    return 0 if ok else 1
 
 
 def compile_variant(template, device, batches, inputs, min_s) -> dict:
@@ -319,7 +323,7 @@ def write_report(report: dict, out: Path, batches) -> None:
                   "| variant | " + " | ".join(f"B={b}" for b in batches) + " |",
                   "|---|" + "---:|" * len(batches)]
         for r in rows:
-            cells = [f"{r[key][b] / 1e6:.2f}" if b in r[key] else "-" for b in batches]
+            cells = [f"{r[key][b] / 1e6:.3g}" if b in r[key] else "-" for b in batches]
             lines.append(f"| {r['variant']} | " + " | ".join(cells) + " |")
         lines.append("")
     acc = [r for r in report["results"] if "max_abs_dp" in r]
