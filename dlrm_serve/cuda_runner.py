@@ -27,6 +27,7 @@ Shapes: ``B`` batch, ``F`` tables, ``D`` embedding dim, ``N`` ids.
 from __future__ import annotations
 
 import bisect
+import contextlib
 
 import torch
 
@@ -122,6 +123,9 @@ class CudaRunner:
         # that is how the logic is tested on machines without a GPU.
         self._on_gpu = device.type == "cuda"
         self._copied = torch.cuda.Event() if self._on_gpu else None
+        # Ops pick their stream from the current device: make it this runner's
+        # one around every call (a worker's current device may be cuda:0).
+        self._on_device = (lambda: torch.cuda.device(device)) if self._on_gpu else contextlib.nullcontext
         self._head = torch.compile(self._head_eager, dynamic=False) if compile else self._head_eager
         self.compiled = compile
         self.buckets = _check_buckets(buckets) if cuda_graphs and self._on_gpu else ()
@@ -179,7 +183,7 @@ class CudaRunner:
             rows.copy_(sparse(idx, None if offsets is None else offsets.cpu(), b).view(-1, self.dim))
         out.copy_(rows, non_blocking=self.pinned)
         if self._copied is not None:
-            self._copied.record()
+            self._copied.record(torch.cuda.current_stream(self.device))
 
     def _capture(self) -> None:
         """One graph per bucket, largest first, all sharing one memory pool."""
@@ -210,7 +214,7 @@ class CudaRunner:
         b = dense.shape[0]
         if b == 0:
             return torch.zeros(0, dtype=torch.float32, device=self.device)
-        with torch.inference_mode():
+        with torch.inference_mode(), self._on_device():
             largest = self.buckets[-1] if self.buckets else 0
             if not largest:
                 return self._eager(dense, indices, offsets, b)
