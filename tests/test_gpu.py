@@ -200,3 +200,40 @@ def test_onnxruntime_cuda_with_io_binding_matches_cpu(onnx_artifacts, batches, w
         assert got.dtype == np.float32 and got.shape == (batch.batch_size,)
         assert float(np.abs(got - want[key]).max()) <= TOL["fp32"], key
         assert float(np.abs(got - plain.predict(batch)).max()) <= 1e-6, key
+
+
+# ----- the handler, where TorchServe's Python side is installed --------------------------------
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="torch sees no CUDA device")
+def test_handler_puts_a_gpu_archive_on_its_gpu(artifacts):
+    pytest.importorskip("ts")
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    from ts.context import Context, RequestProcessor
+
+    path = Path(__file__).resolve().parents[1] / "handler" / "dlrm_handler.py"
+    spec = importlib.util.spec_from_file_location("dlrm_handler_gpu", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    yaml_config = {"deviceType": "gpu", "minWorkers": 1, "dlrm": {"backend": "torch"}}
+    ctx = Context("dlrm", str(artifacts), {"model": {}}, 1, 0, "0.12.0", True, None, yaml_config)
+    h = module.DLRMHandler()
+    h.initialize(ctx)
+    info = h.backend.describe()
+    assert info["device"] == "cuda:0" and info["tables"] == "device" and info["cuda_graphs"]
+    assert "gpu_id" in info["device_reason"]
+    from dlrm_serve.features import FeatureEncoder
+
+    rng = np.random.default_rng(9)
+    instances = [
+        {"dense": [int(rng.integers(0, 1000)) for _ in SMALL.dense_names],
+         "sparse": [f"{int(rng.integers(0, 2**32)):08x}" for _ in SMALL.sparse_names]}
+        for _ in range(5)
+    ]
+    want = cpu_answer(artifacts, FeatureEncoder(SMALL).encode_instances(instances))
+    ctx.request_processor = [RequestProcessor({"Content-Type": "application/json"})]
+    out = h.handle([{"body": {"instances": instances}}], ctx)
+    got = np.asarray(json.loads(out[0])["predictions"], dtype=np.float32)
+    assert float(np.abs(got - want).max()) <= TOL["fp32"]
