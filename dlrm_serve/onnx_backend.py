@@ -74,7 +74,7 @@ __all__ = [
     "batch_pieces",
 ]
 
-DEVICES = ("auto", "cpu", "cuda")
+DEVICES = ("auto", "cpu", "cuda")  # and "cuda:N" (see dlrm_serve.placement.parse_device)
 # Most rows of one piece: on one thread, pieces of 256 to 512 rows ran
 # fastest here (a piece's activations, a few KB a row, stay in cache).
 PIECE_ROWS = 512
