@@ -3,16 +3,22 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed
+# GPU=1: the CUDA builds of torch and onnxruntime (requirements-gpu.txt, docs/gpu.md).
+GPU ?=
+STAMP := $(VENV)/.installed$(if $(filter 1,$(GPU)),-gpu)
+REQUIREMENTS := $(if $(filter 1,$(GPU)),requirements-gpu.txt,requirements.txt)
 
 .PHONY: setup test serve stop train java bench-model bench-serve bench-backends bench-scale clean
 
 setup: $(STAMP)
 
-$(STAMP): requirements.txt pyproject.toml
+$(STAMP): requirements.txt requirements-gpu.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade --quiet pip
-	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet -r $(REQUIREMENTS)
+ifeq ($(GPU),1)
+	$(PY) -c 'import sys, torch; sys.exit(0 if torch.version.cuda else "make setup GPU=1: pip installed torch " + torch.__version__ + ", a CPU-only build; remove a .venv made by plain make setup, let pip reach PyPI (no CPU wheel index, find-links or constraints for torch) and rerun")'
+endif
 	$(PY) -m pip install --quiet --no-deps -e .
 	$(PY) -m dlrm_serve.protos
 	touch $@

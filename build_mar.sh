@@ -25,7 +25,14 @@ Options:
   --archive-format F     default | no-archive | zip-store (default: default);
                          no-archive writes a folder (nothing to unpack at load:
                          best for multi-GB tables), zip-store skips compression
-  --workers N            minWorkers = maxWorkers (default: 2)
+  --device D             cpu | gpu (default: cpu).  gpu writes deviceType: gpu: on a
+                         server with GPUs TorchServe gives each worker a gpu_id
+                         (round-robin) and the worker runs on cuda:<gpu_id>; where
+                         CUDA is not usable it runs on the CPU and logs why
+                         (see docs/gpu.md).  Default workers with gpu: 1, i.e. one
+                         per GPU on a one-GPU server (each worker holds its own
+                         copy of the tables on its GPU); pass --workers <GPUs>
+  --workers N            minWorkers = maxWorkers (default: 2; 1 with --device gpu)
   --threads N            torch/onnxruntime threads per worker; 0 = cores / workers (default: 0)
   --batch-size N         TorchServe dynamic batch: most requests per batch (default: 16)
   --max-batch-delay MS   TorchServe dynamic batch: longest wait to fill it, >= 1 (default: 1;
@@ -51,7 +58,8 @@ VERSION=1.0
 BACKEND=
 MODEL_STORE=model_store
 ARCHIVE_FORMAT=default
-WORKERS=2
+WORKERS=
+DEVICE=cpu
 THREADS=0
 BATCH_SIZE=16
 MAX_BATCH_DELAY=1
@@ -74,6 +82,7 @@ while [ $# -gt 0 ]; do
     --model-store) need_value "$@"; MODEL_STORE=$2; shift 2 ;;
     --archive-format) need_value "$@"; ARCHIVE_FORMAT=$2; shift 2 ;;
     --workers) need_value "$@"; WORKERS=$2; shift 2 ;;
+    --device) need_value "$@"; DEVICE=$2; shift 2 ;;
     --threads) need_value "$@"; THREADS=$2; shift 2 ;;
     --batch-size) need_value "$@"; BATCH_SIZE=$2; shift 2 ;;
     --max-batch-delay) need_value "$@"; MAX_BATCH_DELAY=$2; shift 2 ;;
@@ -92,6 +101,11 @@ case "$BACKEND" in
   torch) : "${MODEL_NAME:=dlrm}" ;;
   onnxruntime) : "${MODEL_NAME:=dlrm_onnx}" ;;
   *) die "--backend must be torch or onnxruntime, got '$BACKEND'" ;;
+esac
+case "$DEVICE" in
+  cpu) : "${WORKERS:=2}" ;;
+  gpu) : "${WORKERS:=1}" ;;  # tables are copied per worker onto its GPU: one worker per GPU
+  *) die "--device must be cpu or gpu, got '$DEVICE'" ;;
 esac
 case "$ARCHIVE_FORMAT" in
   default|no-archive|zip-store) ;;
@@ -159,6 +173,7 @@ batchSize: $BATCH_SIZE
 maxBatchDelay: $MAX_BATCH_DELAY
 responseTimeout: $RESPONSE_TIMEOUT
 startupTimeout: $STARTUP_TIMEOUT
+$([ "$DEVICE" = gpu ] && echo "deviceType: gpu")
 # Read by handler/dlrm_handler.py.
 dlrm:
   backend: $BACKEND
@@ -184,4 +199,4 @@ case "$ARCHIVE_FORMAT" in
   *) OUT="$MODEL_STORE/$MODEL_NAME.mar" ;;
 esac
 [ -e "$OUT" ] || die "torch-model-archiver ran but '$OUT' is not there"
-echo "built $OUT (model $MODEL_NAME, version $VERSION, backend $BACKEND, $WORKERS workers, batch $BATCH_SIZE / ${MAX_BATCH_DELAY} ms)"
+echo "built $OUT (model $MODEL_NAME, version $VERSION, backend $BACKEND, device $DEVICE, $WORKERS workers, batch $BATCH_SIZE / ${MAX_BATCH_DELAY} ms)"

@@ -14,6 +14,7 @@ __all__ = [
     "ServerError",
     "AuthError",
     "InternalError",
+    "DeviceError",
 ]
 
 
@@ -86,5 +87,11 @@ class InternalError(DLRMServeError):
     Its message names what failed without the internal exception text;
     the traceback goes to the worker's log.
     """
+
+    status = 500
+
+
+class DeviceError(DLRMServeError, ValueError):
+    """A device (CUDA) that was asked for but is not usable here; the message says what was found."""
 
     status = 500

@@ -29,6 +29,17 @@ synchronisation between ops, the Slice/Concat copies of the interaction
 activations stay in its core's cache (one thread ran 4096 rows at once at
 0.8x the speed of eight pieces of 512).  ``piece_rows=0`` gives every batch
 to intra-op threads, which is also what a GPU gets.
+
+On CUDA (``device="cuda"`` or ``"cuda:N"``): the CUDA provider gets
+``device_id`` N (TorchServe's ``gpu_id`` per worker, see
+:mod:`dlrm_serve.placement`) and ``use_tf32=0`` (fp32 parity with the CPU).
+Batches run through IO binding: the numpy inputs are copied once, straight
+into device buffers, and the output stays on the device until its one copy
+back.  The tables (graph initializers) live on the GPU; they must fit in
+``memory_share`` of its free memory, else loading fails with a clear error
+that points at the torch backend, which can keep tables in host memory.
+The TensorRT provider is tried only with ``tensorrt=True`` and only where
+it really loads; it is off by default because it has not been measured.
 """
 
 from __future__ import annotations
@@ -44,9 +55,10 @@ from pathlib import Path
 import numpy as np
 
 from .artifacts import WEIGHTS_FILE, load_config
-from .errors import ArtifactError
+from .errors import ArtifactError, DeviceError
 from .export import ONNX_DATA_FILE, ONNX_FILE, ONNX_ONE_ID_FILE, source_problem
 from .features import FeatureBatch
+from .placement import parse_device
 
 __all__ = [
     "OnnxBackend",
@@ -55,13 +67,14 @@ __all__ = [
     "MIN_PIECE_ROWS",
     "WORKERS_ENV",
     "cuda_provider_usable",
+    "ort_cuda_report",
     "resolve_threads",
     "usable_cores",
     "session_options",
     "batch_pieces",
 ]
 
-DEVICES = ("auto", "cpu", "cuda")
+DEVICES = ("auto", "cpu", "cuda")  # and "cuda:N" (see dlrm_serve.placement.parse_device)
 # Most rows of one piece: on one thread, pieces of 256 to 512 rows ran
 # fastest here (a piece's activations, a few KB a row, stay in cache).
 PIECE_ROWS = 512
@@ -71,6 +84,7 @@ MIN_PIECE_ROWS = 128
 WORKERS_ENV = "DLRM_WORKERS"
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
+TENSORRT = "TensorrtExecutionProvider"
 
 
 def usable_cores() -> int:
@@ -135,15 +149,15 @@ def _cuda_libraries_load(ort) -> bool:
         return False
 
 
-@functools.lru_cache(maxsize=1)
-def cuda_provider_usable() -> bool:
+@functools.lru_cache(maxsize=None)
+def cuda_provider_usable(device_id: int = 0) -> bool:
     """True when onnxruntime's CUDA provider really loads and runs here.
 
     Quiet: the provider library is first loaded with ctypes (which fails
     silently when libcublas and friends are missing), after letting
     onnxruntime preload CUDA from pip's nvidia packages when it can; only
-    then does a one-node session try the provider, with logging at FATAL.
-    Cached for the process.
+    then does a one-node session try the provider on ``device_id``, with
+    logging at FATAL.  Cached for the process.
     """
     try:
         import onnxruntime as ort
@@ -166,10 +180,44 @@ def cuda_provider_usable() -> bool:
     try:
         so = ort.SessionOptions()
         so.log_severity_level = 4
-        session = ort.InferenceSession(_PROBE_MODEL, so, providers=[CUDA, CPU])
+        session = ort.InferenceSession(_PROBE_MODEL, so, providers=[(CUDA, {"device_id": device_id}), CPU])
         return session.get_providers()[0] == CUDA
     except Exception:
         return False
+
+
+@functools.lru_cache(maxsize=None)
+def _tensorrt_usable(device_id: int) -> bool:
+    """True when the TensorRT provider really runs the probe graph on ``device_id``."""
+    try:
+        import onnxruntime as ort
+
+        if TENSORRT not in ort.get_available_providers():
+            return False
+        so = ort.SessionOptions()
+        so.log_severity_level = 4
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            session = ort.InferenceSession(
+                _PROBE_MODEL, so, providers=[(TENSORRT, {"device_id": device_id}), CPU]
+            )
+        return session.get_providers()[0] == TENSORRT
+    except Exception:
+        return False
+
+
+def ort_cuda_report() -> str:
+    """One sentence on what onnxruntime's CUDA support looks like here."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return "onnxruntime is not installed"
+    listed = ort.get_available_providers()
+    if CUDA not in listed:
+        return f"onnxruntime {ort.__version__} lists no CUDA provider ({', '.join(listed)}): install onnxruntime-gpu"
+    loads = "loads and runs" if cuda_provider_usable() else "does not load (no GPU, or CUDA/cuDNN libraries missing)"
+    from .placement import torch_cuda_report
+
+    return f"onnxruntime {ort.__version__} lists {', '.join(listed)}; its CUDA provider {loads}; {torch_cuda_report()}"
 
 
 def spinning(threads: int) -> bool:
@@ -228,9 +276,11 @@ def session_options(threads: int):
 class _Graphs:
     """The sessions of one thread setting: the general graph and, when there, the one-id graph."""
 
-    def __init__(self, bags, one_id):
+    def __init__(self, bags, one_id, cuda_id: int | None = None):
         self.bags = bags
         self.one_id = one_id
+        # On CUDA: IO binding, the output bound on this device.
+        self.cuda_id = cuda_id
 
     def run(self, batch: FeatureBatch, num_tables: int, outputs: list[str]) -> np.ndarray:
         feeds = {
@@ -238,9 +288,25 @@ class _Graphs:
             "indices": np.ascontiguousarray(batch.indices, dtype=np.int64),
         }
         if batch.offsets is None and self.one_id is not None:
-            return self.one_id.run(outputs, feeds)[0]
-        feeds["bag_ids"] = batch.bag_ids(num_tables)
-        return self.bags.run(outputs, feeds)[0]
+            session = self.one_id
+        else:
+            session = self.bags
+            feeds["bag_ids"] = batch.bag_ids(num_tables)
+        if self.cuda_id is None:
+            return session.run(outputs, feeds)[0]
+        return run_bound(session, feeds, outputs[0], self.cuda_id)
+
+
+def run_bound(session, feeds: dict[str, np.ndarray], output: str, device_id: int) -> np.ndarray:
+    """``session``'s ``output`` for ``feeds`` through IO binding on CUDA device ``device_id``:
+    each input is copied once into a device buffer, the output is made on the
+    device and copied back once."""
+    binding = session.io_binding()
+    for name, value in feeds.items():
+        binding.bind_cpu_input(name, value)
+    binding.bind_output(output, "cuda", device_id)
+    session.run_with_iobinding(binding)
+    return binding.copy_outputs_to_cpu()[0]
 
 
 class OnnxBackend:
@@ -249,8 +315,15 @@ class OnnxBackend:
     ``threads``: threads one batch may use (0 or None: ``usable cores //
     workers``); ``workers``: worker processes sharing this machine (default
     ``$DLRM_WORKERS`` or 1); ``device``: ``auto`` (CUDA when usable, else
-    CPU), ``cpu`` or ``cuda`` (an error when CUDA does not load);
-    ``gpu_id``: the CUDA device; ``check_weights``: refuse graphs exported
+    CPU), ``cpu``, ``cuda`` or ``cuda:N`` (a :class:`DeviceError` naming
+    what was found when CUDA does not load); ``gpu_id``: the CUDA device
+    for ``cuda``/``auto`` (``cuda:N`` wins); ``device_reason``: why this
+    device (repeated by :meth:`describe`); ``tables``/``memory_share``: on
+    CUDA the tables must fit in ``memory_share`` of the GPU's free memory
+    (``tables="host"`` is refused: use the torch backend); ``io_binding``:
+    on CUDA, run through IO binding (default); ``tensorrt``: put the
+    TensorRT provider first when it loads (default off, unmeasured);
+    ``check_weights``: refuse graphs exported
     from other weights than the ``dlrm.safetensors`` beside them;
     ``one_id_graph``: run ``dlrm.one_id.onnx`` for batches with one id per
     bag (False: the general graph for every batch, for comparisons);
@@ -272,6 +345,11 @@ class OnnxBackend:
         check_weights: bool = True,
         one_id_graph: bool = True,
         piece_rows: int | None = None,
+        device_reason: str | None = None,
+        tables: str = "auto",
+        memory_share: float | None = None,
+        io_binding: bool = True,
+        tensorrt: bool = False,
     ):
         import onnxruntime as ort
 
@@ -279,23 +357,35 @@ class OnnxBackend:
         self.artifacts_dir = Path(artifacts_dir)
         self.config = load_config(self.artifacts_dir)
         self.threads, self.workers, self.threads_source = resolve_threads(threads, workers)
-        if device not in DEVICES:
-            raise ValueError(f"device must be one of {DEVICES}, got {device!r}")
-        gpu = 0 if gpu_id is None else int(gpu_id)
+        kind, index = parse_device(device)
+        gpu = index if index is not None else (0 if gpu_id is None else int(gpu_id))
         if gpu < 0:
             raise ValueError(f"gpu_id must be >= 0, got {gpu_id!r}")
-        if device == "cuda" and not cuda_provider_usable():
-            raise ValueError(
-                "device 'cuda' asked for, but onnxruntime's CUDA provider does not load here "
-                "(no GPU, or CUDA/cuDNN libraries missing); use device 'cpu' or 'auto'"
-            )
-        use_cuda = device == "cuda" or (device == "auto" and cuda_provider_usable())
-        providers = [(CUDA, {"device_id": gpu}), CPU] if use_cuda else [CPU]
+        if kind == "cuda" and not cuda_provider_usable(gpu):
+            raise DeviceError(f"device {device!r} asked for, but onnxruntime cannot use cuda:{gpu}: {ort_cuda_report()}")
+        use_cuda = kind == "cuda" or (kind == "auto" and cuda_provider_usable(gpu))
+        self.device_reason = device_reason or (
+            f"device {device!r} asked for" if kind != "auto" else f"device 'auto': {'CUDA' if use_cuda else 'no CUDA'} here"
+        )
+        self.tables = "cpu"
+        self.tables_reason = "tables in the sessions' memory-mapped dlrm.onnx.data"
+        providers = [CPU]
+        if use_cuda:
+            self.tables, self.tables_reason = self._place_tables(tables, gpu, memory_share)
+            cuda_options = {"device_id": gpu, "use_tf32": 0}  # fp32 parity with the CPU
+            providers = [(CUDA, cuda_options), CPU]
+            if tensorrt:
+                if not _tensorrt_usable(gpu):
+                    raise DeviceError(f"tensorrt asked for, but onnxruntime's TensorRT provider does not load here: {ort_cuda_report()}")
+                providers.insert(0, (TENSORRT, {"device_id": gpu}))
+        elif tables == "host" or tensorrt:
+            raise ValueError("tables and tensorrt options apply to a CUDA device only")
         if piece_rows is None:
             piece_rows = 0 if use_cuda else PIECE_ROWS
         if isinstance(piece_rows, bool) or not isinstance(piece_rows, int) or piece_rows < 0:
             raise ValueError(f"piece_rows must be an integer >= 0 (0: whole batches), got {piece_rows!r}")
         self.piece_rows = piece_rows
+        self.io_binding = bool(use_cuda and io_binding)
 
         general = self.artifacts_dir / ONNX_FILE
         if not general.is_file():
@@ -311,6 +401,7 @@ class OnnxBackend:
             return _Graphs(
                 self._session(general, so, providers),
                 self._session(one_id, so, providers) if use_one_id else None,
+                gpu if self.io_binding else None,
             )
 
         # Whole batches: every thread inside each op.  Pieces: one thread
@@ -320,9 +411,29 @@ class OnnxBackend:
         self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="dlrm-onnx") if self._pieces is not self._whole else None
         self._check_source(check_weights)
         self.provider = self._whole.bags.get_providers()[0]
-        self.device = f"cuda:{gpu}" if self.provider == CUDA else "cpu"
+        self.device = f"cuda:{gpu}" if self.provider in (CUDA, TENSORRT) else "cpu"
+        if use_cuda and self.device == "cpu":
+            # The probe ran CUDA, the real graphs did not: say so rather than serve on the CPU.
+            raise DeviceError(f"onnxruntime put {general.name} on {self.provider}, not CUDA: {ort_cuda_report()}")
         self._num_tables = self.config.num_sparse
         self._out = [o.name for o in self._whole.bags.get_outputs()]
+
+    def _place_tables(self, tables: str, gpu: int, memory_share: float | None) -> tuple[str, str]:
+        """The tables go where the CUDA provider puts initializers: on the GPU, if they fit."""
+        from .placement import DEFAULT_MEMORY_SHARE, choose_tables, gpu_free_bytes
+
+        if tables == "host":
+            raise DeviceError(
+                "tables: host is not possible with onnxruntime on CUDA (its CUDA provider keeps the "
+                "graph's tables on the GPU); use the torch backend for tables in host memory"
+            )
+        row = self.config.embedding_dim * (1 if self.config.table_dtype == "int8" else 4)
+        table_bytes = self.config.total_rows * row
+        share = DEFAULT_MEMORY_SHARE if memory_share is None else memory_share
+        where, reason = choose_tables(tables, table_bytes, gpu_free_bytes(gpu), share)
+        if where == "host":
+            raise DeviceError(f"onnxruntime on cuda:{gpu}: {reason}; use the torch backend, which can do that")
+        return where, reason
 
     def _session(self, path: Path, so, providers):
         try:
@@ -372,6 +483,10 @@ class OnnxBackend:
             "provider": self.provider,
             "providers": self._whole.bags.get_providers(),
             "device": self.device,
+            "device_reason": self.device_reason,
+            "tables": self.tables,
+            "tables_reason": self.tables_reason,
+            "io_binding": self.io_binding,
             "onnxruntime": self._ort.__version__,
             "threads": self.threads,
             "threads_source": self.threads_source,

@@ -20,6 +20,7 @@ from .backends import Backend
 from .codecs import MAX_ROWS, decode_request, predictions_body
 from .errors import DLRMServeError, InternalError, InvalidInput
 from .features import FeatureBatch, FeatureEncoder
+from .placement import DEFAULT_MEMORY_SHARE, TABLE_POLICIES, parse_device
 
 __all__ = [
     "Request",
@@ -72,6 +73,26 @@ def _seconds(name: str, v: Any) -> float:
     return float(v)
 
 
+def _device(name: str, v: Any) -> str:
+    try:
+        parse_device(v)
+    except ValueError:
+        raise ValueError(f"model-config.yaml: dlrm.{name} must be auto, cpu, cuda or cuda:N, got {v!r}") from None
+    return v.strip().lower()
+
+
+def _tables(name: str, v: Any) -> str:
+    if v not in TABLE_POLICIES:
+        raise ValueError(f"model-config.yaml: dlrm.{name} must be one of {', '.join(TABLE_POLICIES)}, got {v!r}")
+    return v
+
+
+def _share(name: str, v: Any) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 1:
+        raise ValueError(f"model-config.yaml: dlrm.{name} must be a fraction in (0, 1], got {v!r}")
+    return float(v)
+
+
 # key -> (default, checker).  One line per setting; the checker names the key.
 SETTINGS: dict[str, tuple[Any, Callable[[str, Any], Any]]] = {
     "backend": ("torch", _string),
@@ -79,6 +100,11 @@ SETTINGS: dict[str, tuple[Any, Callable[[str, Any], Any]]] = {
     "threads": (0, _count),  # 0 = cpu count / workers
     "touch_tables": (False, _flag),
     "metrics_interval": (1.0, _seconds),
+    # Placement (dlrm_serve.placement): auto = the GPU TorchServe gives a GPU archive's worker.
+    "device": ("auto", _device),
+    "tables": ("auto", _tables),  # on a GPU: auto | device | host
+    "gpu_memory_share": (DEFAULT_MEMORY_SHARE, _share),  # share of free GPU memory the tables may take
+    "cuda_graphs": (True, _flag),  # torch on CUDA: graphs over padded batch-size buckets
 }
 
 

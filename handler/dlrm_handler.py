@@ -27,6 +27,7 @@ import dlrm_serve
 from dlrm_serve.backends import load_backend
 from dlrm_serve.errors import DLRMServeError
 from dlrm_serve.memory import touch_backend_tables
+from dlrm_serve.placement import backend_options, place_worker
 from dlrm_serve.serving import MetricsWindow, Predictor, read_settings, request_of
 
 __all__ = ["DLRMHandler"]
@@ -42,7 +43,11 @@ class DLRMHandler(BaseHandler):
         self.manifest = context.manifest
         model_dir = context.system_properties["model_dir"]
         self.settings = read_settings(getattr(context, "model_yaml_config", None))
-        self.backend = load_backend(model_dir, self.settings["backend"], threads=self.settings["threads"])
+        placement = place_worker(self.settings, context)  # cuda:<gpu_id> for GPU archives, else the CPU, and why
+        logger.info("dlrm worker placed on %s: %s", placement.device, placement.reason)
+        self.backend = load_backend(
+            model_dir, self.settings["backend"], threads=self.settings["threads"], **backend_options(self.settings, placement)
+        )
         self.predictor = Predictor(self.backend, max_rows=self.settings["max_rows"])
         if self.settings["touch_tables"]:
             start = time.perf_counter()

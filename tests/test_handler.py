@@ -295,16 +295,22 @@ def test_handler_module_defines_exactly_one_class(handler_module):
 
 
 
+# The placement settings (tests/test_placement.py checks their values).
+DEVICE_DEFAULTS = {"device": "auto", "tables": "auto", "gpu_memory_share": 0.8, "cuda_graphs": True}
+
+
 def test_read_settings():
     from dlrm_serve.serving import read_settings as read
 
     assert read({}, cpu_count=4) == {
         "backend": "torch", "max_rows": MAX_ROWS, "threads": 4, "touch_tables": False, "metrics_interval": 1.0,
+        **DEVICE_DEFAULTS,
     }
     assert read({"maxWorkers": 2}, cpu_count=4)["threads"] == 2
     assert read({"maxWorkers": 8}, cpu_count=2)["threads"] == 1
     assert read({"dlrm": {"backend": "onnxruntime", "max_rows": 10, "threads": 3, "metrics_interval": 0}}) == {
         "backend": "onnxruntime", "max_rows": 10, "threads": 3, "touch_tables": False, "metrics_interval": 0.0,
+        **DEVICE_DEFAULTS,
     }
     assert read({"dlrm": {"touch_tables": True}})["touch_tables"] is True
     for bad, match in [
