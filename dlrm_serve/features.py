@@ -465,7 +465,7 @@ class FeatureEncoder:
         self.transform = config.dense_transform
         self._dense_index = {n: i for i, n in enumerate(self.dense_names)}
         self._sparse_index = {n: i for i, n in enumerate(self.sparse_names)}
-        self._names = frozenset(self.dense_names + self.sparse_names)
+        self._template = dict.fromkeys(self.dense_names + self.sparse_names)
         self._get_dense = _getter(self.dense_names)
         self._get_sparse = _getter(self.sparse_names)
 
@@ -517,18 +517,22 @@ class FeatureEncoder:
             if set(map(len, dense_rows)) != {nd} or set(map(len, sparse_rows)) != {ns}:
                 return None
         else:
-            names, width = self._names, self.num_dense + self.num_sparse
-            # All fields present: two C-level getters; else the missing ones read as None.
-            if not all(len(i) == width or (i and i.keys() <= names) for i in instances):
-                return None
+            width = self.num_dense + self.num_sparse
+            lengths = set(map(len, instances))
+            if 0 in lengths:
+                return None  # an empty instance: the per-value path words it
+            if lengths != {width}:
+                # Missing fields read as None: merge each instance over a template of
+                # all names; an unknown name then shows as one key too many.
+                template = self._template
+                instances = [{**template, **i} for i in instances]
+                if set(map(len, instances)) != {width}:
+                    return None
             try:
                 dense_rows = list(map(self._get_dense, instances))
                 sparse_rows = list(map(self._get_sparse, instances))
             except KeyError:
-                if not all(i.keys() <= names for i in instances):
-                    return None
-                dense_rows = [tuple(map(i.get, self.dense_names)) for i in instances]
-                sparse_rows = [tuple(map(i.get, self.sparse_names)) for i in instances]
+                return None
         dense = _fast_dense(dense_rows)
         if dense is None:
             return None
