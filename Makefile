@@ -8,7 +8,7 @@ GPU ?=
 STAMP := $(VENV)/.installed$(if $(filter 1,$(GPU)),-gpu)
 REQUIREMENTS := $(if $(filter 1,$(GPU)),requirements-gpu.txt,requirements.txt)
 
-.PHONY: setup test serve stop train java bench-model bench-serve bench-backends bench-scale clean
+.PHONY: setup test serve stop train java bench-decode bench-model bench-serve bench-backends bench-scale clean
 
 setup: $(STAMP)
 
@@ -37,6 +37,9 @@ serve: setup java
 
 stop:
 	@if [ -x $(VENV)/bin/torchserve ]; then $(VENV)/bin/torchserve --stop; else echo "nothing to stop: no .venv"; fi
+
+bench-decode: setup
+	$(PY) bench/bench_decode.py
 
 bench-model: setup
 	$(PY) bench/bench_model.py
