@@ -122,6 +122,123 @@ def _parse_json(data: bytes | bytearray | str) -> Any:
         raise InvalidInput("invalid JSON: a number has too many digits") from None
 
 
+# The vectorised reader of the common JSON body, straight from its bytes.
+_QUOTE, _COLON, _COMMA = 34, 58, 44
+_STRUCT = np.zeros(256, dtype=bool)
+_STRUCT[[ord(c) for c in '{}[]:,"']] = True
+_WS = np.zeros(256, dtype=bool)
+_WS[[9, 10, 13, 32]] = True
+_NULL = int.from_bytes(b"null", "little")
+
+
+def fast_json(data: bytes | bytearray | memoryview, encoder: FeatureEncoder, max_rows: int = MAX_ROWS) -> RawBatch | None:
+    """Positional JSON rows read straight from the body bytes; None when the body is not of that shape.
+
+    The shape is ``{"instances": [{"dense": [...], "sparse": [...]}, ...]}``
+    or one such row, with numbers that are JSON integers or null and
+    categorical values that are strings or null, any whitespace between
+    tokens.  The body's skeleton (its structure, one character per value) is
+    compared with the skeleton such a body must have, so nothing that is not
+    valid JSON of that shape passes; every other body (named fields, floats,
+    bags, escapes, errors) returns None and is parsed as JSON by the caller.
+    Memory: a few arrays of one entry per body byte.
+    """
+    if isinstance(data, memoryview):
+        data = data.tobytes()
+    buf = np.frombuffer(data, dtype=np.uint8)
+    if buf.shape[0] < 2 or buf[0] != ord("{") or b"\\" in data:
+        return None
+    quotes = np.flatnonzero(buf == _QUOTE)
+    if quotes.shape[0] % 2:
+        return None
+    opens, closes = quotes[0::2], quotes[1::2]
+    # The skeleton: bytes outside strings but whitespace, and one '"' per string.
+    depth = np.zeros(buf.shape[0] + 1, dtype=np.int8)
+    depth[opens] = 1
+    depth[closes + 1] -= 1
+    keep = ~np.cumsum(depth[:-1], dtype=np.int8).view(bool)
+    keep &= ~_WS[buf]
+    keep[opens] = True
+    pos = np.flatnonzero(keep)  # where each skeleton byte comes from
+    skel = buf[pos]
+    # A value token is a run of non-structural bytes, contiguous in the body.
+    value = ~_STRUCT[skel]
+    run_start = np.flatnonzero(value & ~np.concatenate(([False], value[:-1])))
+    run_end = np.flatnonzero(value & ~np.concatenate((value[1:], [False]))) + 1
+    if ((pos[run_end - 1] - pos[run_start]) != (run_end - run_start - 1)).any():
+        return None
+    shape = skel.copy()
+    shape[value] = 0
+    shape[run_start] = ord("v")
+    got = shape[shape != 0]
+    text = got.tobytes()
+    nd, ns = encoder.num_dense, encoder.num_sparse
+    row = b'{":[' + b"v," * (nd - 1) + b'v],":[' + b"?," * (ns - 1) + b"?]}"
+    batch = text.startswith(b'{":[{')
+    if batch:
+        b, rem = divmod(len(text) - 5, len(row) + 1)
+        if rem or b < 1 or b > max_rows:
+            return None
+        want = b'{":[' + b",".join([row] * b) + b"]}"
+    else:
+        b, want = 1, row
+    expect = np.frombuffer(want, dtype=np.uint8)
+    if got.shape[0] != expect.shape[0]:
+        return None
+    wild = expect == ord("?")
+    if (got[~wild] != expect[~wild]).any() or not np.isin(got[wild], (ord("v"), _QUOTE)).all():
+        return None
+    # Tokens in skeleton order ("instances", then per row: "dense", nd values, "sparse", ns values).
+    tok_is_str = got[(got == ord("v")) | (got == _QUOTE)] == _QUOTE
+    tok_start = np.empty(tok_is_str.shape[0], dtype=np.int64)
+    tok_end = np.empty(tok_is_str.shape[0], dtype=np.int64)
+    tok_start[tok_is_str], tok_end[tok_is_str] = opens + 1, closes
+    tok_start[~tok_is_str], tok_end[~tok_is_str] = pos[run_start], pos[run_end - 1] + 1
+    if batch and bytes(buf[tok_start[0] : tok_end[0]]) != b"instances":
+        return None
+    per_row = nd + ns + 2
+    table = np.arange(int(batch), int(batch) + b * per_row).reshape(b, per_row)
+    for col, key in ((0, b"dense"), (nd + 1, b"sparse")):
+        k = table[:, col]
+        if ((tok_end[k] - tok_start[k]) != len(key)).any():
+            return None
+        if (buf[tok_start[k][:, None] + np.arange(len(key))] != np.frombuffer(key, np.uint8)).any():
+            return None
+    d_tok = table[:, 1 : nd + 1].reshape(-1)
+    dense = _json_numbers(buf, tok_start[d_tok], tok_end[d_tok])
+    if dense is None:
+        return None
+    s_tok = table[:, nd + 2 :].reshape(-1)
+    s_start, s_end, s_str = tok_start[s_tok], tok_end[s_tok], tok_is_str[s_tok]
+    if not s_str.all():  # nulls; a number (a row id) is for the JSON path
+        if not _is_null(buf, s_start[~s_str], s_end[~s_str]):
+            return None
+        s_end = np.where(s_str, s_end, s_start)
+    ids, lengths = encoder.hash_text(buf, s_start, s_end - s_start, b)
+    return RawBatch(dense.reshape(b, nd), ids, lengths)
+
+
+def _is_null(buf: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> bool:
+    if ((ends - starts) != 4).any():
+        return False
+    words = buf[starts[:, None] + np.arange(4)].copy().view("<u4").reshape(-1)
+    return bool((words == _NULL).all())
+
+
+def _json_numbers(buf: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray | None:
+    """JSON integers or null -> float32 (null = NaN); None for anything else (floats, true, 01)."""
+    nulls = buf[starts] == ord("n")
+    if nulls.any():
+        if not _is_null(buf, starts[nulls], ends[nulls]):
+            return None
+        ends = np.where(nulls, starts, ends)
+    # JSON has no leading zeros: "01" and "-01" are not numbers.
+    lead = np.where(buf[np.minimum(starts, buf.shape[0] - 1)] == ord("-"), starts + 1, starts)
+    if ((ends - lead > 1) & (buf[np.minimum(lead, buf.shape[0] - 1)] == ord("0"))).any():
+        return None
+    return int_fields(buf, starts, ends)
+
+
 # ----- TSV ----------------------------------------------------------------------
 def split_tsv(
     lines: Sequence[str], num_dense: int, num_sparse: int, *, first_row: int = 0
@@ -357,6 +474,10 @@ def decode_request(
             raise InvalidInput("a binary body arrived as text; send it as application/x-dlrm bytes")
         return decode_binary(body, encoder, max_rows)
     if kind == "json":
+        if not isinstance(body, str):
+            fast = fast_json(body, encoder, max_rows)
+            if fast is not None:
+                return encoder.finish(fast)
         return decode_json(_parse_json(body), encoder, max_rows)
     return decode_tsv(body, encoder, max_rows)
 
