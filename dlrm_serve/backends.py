@@ -36,7 +36,7 @@ class TorchBackend:
     def __init__(self, artifacts_dir: str | os.PathLike, threads: int | None = None):
         import torch
 
-        from .artifacts import load_model
+        from .weights import load_model
 
         self._torch = torch
         if threads:

@@ -31,7 +31,8 @@ import numpy as np
 
 from .codecs import split_tsv
 from .config import DEMO_TABLE_SIZES, DLRMConfig, preset
-from .errors import ArtifactError, InvalidInput
+from .artifacts import load_config
+from .errors import InvalidInput
 from .features import FeatureBatch, FeatureEncoder
 
 __all__ = [
@@ -50,7 +51,6 @@ __all__ = [
     "vocab_sizes_for",
     "generate",
     "read_oracle",
-    "load_config_file",
     "generate_command",
 ]
 
@@ -577,22 +577,11 @@ def read_oracle(path: str | os.PathLike, start: int = 0, stop: int | None = None
     return np.array(out, dtype=np.float64) if out else np.zeros(0)
 
 
-def load_config_file(path: str | os.PathLike) -> DLRMConfig:
-    """A ``dlrm.json`` as a :class:`DLRMConfig`, with errors that name the file."""
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"config file {str(path)!r} not found")
-    try:
-        return DLRMConfig.load(p)
-    except (ValueError, TypeError) as e:
-        raise ArtifactError(f"{p} is not a valid dlrm-serve config: {e}") from None
-
-
 def generate_command(args) -> None:
     """``dlrm-serve generate``: write synthetic Criteo TSV (and oracle probabilities)."""
     config = None
     if getattr(args, "config", None):
-        config = load_config_file(args.config)
+        config = load_config(args.config)
     model = generate(args.out, args.rows, args.seed, config=config, oracle=args.oracle, labelled=not args.no_label)
     print(
         f"wrote {args.rows} rows to {args.out} (seed {args.seed}, planted logit scale "

@@ -441,7 +441,8 @@ def export_onnx(artifacts_dir: str | os.PathLike, opset: int = DEFAULT_OPSET) ->
     """
     import onnx
 
-    from .artifacts import CONFIG_FILE, WEIGHTS_FILE, load_model
+    from .artifacts import CONFIG_FILE, WEIGHTS_FILE
+    from .weights import load_model
 
     _check_opset(opset)
     out = Path(artifacts_dir)

@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 
 from . import data as data_mod
-from .artifacts import METRICS_FILE, save_artifacts
+from .artifacts import METRICS_FILE, load_config
+from .weights import save_artifacts
 from .config import DLRMConfig, preset
 from .evaluation import log_loss, roc_auc
 from .features import FeatureBatch, FeatureEncoder
@@ -258,7 +259,7 @@ def synthetic_data(
 
 
 def _config(options: TrainOptions) -> DLRMConfig:
-    config = data_mod.load_config_file(options.config) if options.config else preset(options.preset)
+    config = load_config(options.config) if options.config else preset(options.preset)
     if config.table_dtype != "float32":
         raise ValueError(
             f"cannot train a model with {config.table_dtype} tables; train float32 and quantise afterwards"
