@@ -36,6 +36,8 @@ from .errors import InvalidInput
 from .features import FeatureBatch, FeatureEncoder
 
 __all__ = [
+    "detect_format",
+    "format_probabilities",
     "CHUNK_ROWS",
     "GENERATOR_VERSION",
     "CriteoChunk",
@@ -86,6 +88,25 @@ def open_text(path: str | os.PathLike) -> TextIO:
     if p.endswith(".gz"):
         return io.TextIOWrapper(gzip.open(p, "rb"), encoding="utf-8", errors="replace", newline="\n")
     return open(p, encoding="utf-8", errors="replace", newline="\n")
+
+
+def detect_format(path: str | os.PathLike) -> str:
+    """``json`` (JSON lines) when the first non-blank character of ``path`` is ``{``,
+    else ``tsv`` (Criteo).  The one sniffer of ``dlrm-serve score`` and ``predict``."""
+    with open_text(path) as fh:
+        while True:
+            block = fh.read(4096)
+            if not block:
+                raise InvalidInput(f"{path} is empty: it holds no rows")
+            stripped = block.lstrip()
+            if stripped:
+                return "json" if stripped[0] == "{" else "tsv"
+
+
+def format_probabilities(probabilities: np.ndarray) -> str:
+    """One line per value, ``repr(float(p))``: the shortest text that reads back
+    as the same float32 (the output of ``dlrm-serve score`` and ``predict``)."""
+    return "".join(f"{p!r}\n" for p in np.asarray(probabilities, dtype=np.float32).tolist())
 
 
 def _numbered_lines(path: str) -> Iterator[tuple[int, str]]:
