@@ -75,7 +75,7 @@ DEFAULT_THREADS = 1
 MEMORY_ROWS = 2_000_000
 EVAL_BATCH = 16384
 # Optimizers that take sparse gradients: a step costs O(rows touched), not O(table).
-TABLE_OPTIMIZERS = {"adagrad": torch.optim.Adagrad, "sparseadam": torch.optim.SparseAdam}
+TABLE_OPTIMIZERS = ("adagrad",)
 
 
 @dataclass
@@ -432,10 +432,7 @@ def make_optimizers(model: DLRM, options: TrainOptions) -> list[torch.optim.Opti
     """A sparse optimizer for the table (its step touches only the batch's rows) and Adam for the MLPs."""
     table = [model.sparse_arch.weight]
     rest = [p for n, p in model.named_parameters() if n != "sparse_arch.weight"]
-    if options.table_optimizer == "adagrad":
-        table_opt = torch.optim.Adagrad(table, lr=options.table_lr, initial_accumulator_value=options.table_accumulator)
-    else:
-        table_opt = TABLE_OPTIMIZERS[options.table_optimizer](table, lr=options.table_lr)
+    table_opt = torch.optim.Adagrad(table, lr=options.table_lr, initial_accumulator_value=options.table_accumulator)
     return [
         table_opt,
         torch.optim.Adam(rest, lr=options.lr),

@@ -14,7 +14,7 @@ from dlrm_serve import cli
 from dlrm_serve.artifacts import check_artifacts, load_model, load_weights
 from dlrm_serve.config import DLRMConfig
 from dlrm_serve.data import generate
-from dlrm_serve.errors import ArtifactError, ConfigError, InvalidInput
+from dlrm_serve.errors import ConfigError, InvalidInput
 from dlrm_serve.evaluation import average_ranks, log_loss, roc_auc
 from dlrm_serve.train import (
     Rows,

@@ -244,14 +244,6 @@ class Client:
         """One request (retried, token renewed) -> float32 probabilities."""
         return self._predict_once(payload, payload.rows)
 
-    def predict_body(self, body: bytes, rows: int | None = None, format: str = "json") -> np.ndarray:
-        """Send an already-encoded body as one request.
-
-        ``rows`` is the number of rows it holds (checked against the answer);
-        None accepts any count.  ``format`` sets the REST content type.
-        """
-        return self._predict_once(Payload(bytes(body), format, 0 if rows is None else rows), rows)
-
     def _chunk_job(self, kind: str, fmt: str, total_chunks: int):
         def job(item: tuple[int, Any]) -> np.ndarray:
             start, rows = item
