@@ -468,10 +468,11 @@ class TorchServe:
     def management_client(self, timeout: float = 60.0) -> Client:
         """A REST :class:`~dlrm_serve.client.Client` for this server's management
         API, holding its keys (the package's one management client)."""
-        keys = Keys(management=self.keys.get("management"), api=self.keys.get("API"))
+        keys = Keys(management=self.keys.get("management"))
         transport = RestTransport(self.inference_url, self.management_url, management_timeout=timeout, pool_size=1)
-        # No retries: a failing management call is reported at once, as before.
-        return Client(transport, keys=keys, token_url=self.management_url, retries=0)
+        # No retries and no key renewal (which would replace the key this
+        # launcher holds): a failing management call is reported at once.
+        return Client(transport, keys=keys, retries=0)
 
     def _manage(self, op: str, what: str, *args, timeout: float = 60.0, **kwargs) -> Any:
         """``Client.<op>(...)``; the client's errors become :class:`LaunchError`."""
