@@ -60,6 +60,10 @@ def test_numpy_layers_import_without_torch(tmp_path, demo_config):
         f"""
         import dlrm_serve.config, dlrm_serve.features, dlrm_serve.codecs, dlrm_serve.serving
         import dlrm_serve.client, dlrm_serve.client.commands
+        # The rest of the "no torch" column of the README's module table.
+        import dlrm_serve.backends, dlrm_serve.onnx_backend, dlrm_serve.export, dlrm_serve.memory
+        import dlrm_serve.launcher, dlrm_serve.protos, dlrm_serve.procmem, dlrm_serve.packaging
+        import dlrm_serve.errors, dlrm_serve.cli, dlrm_serve.data, dlrm_serve.evaluation, dlrm_serve.score
         from dlrm_serve.artifacts import CONFIG_FILE, WEIGHTS_FILE, load_config
         from dlrm_serve.errors import ConfigError
         config = load_config({str(tmp_path)!r})
