@@ -8,9 +8,11 @@ Usage: ./build_mar.sh [options]
 
 Packages the artifacts (dlrm.json + dlrm.safetensors) into MODEL_STORE/NAME.mar
 with torch-model-archiver, after checking that the weights' shapes agree with
-the config.  The archive holds the handler, the dlrm_serve package and a
-model-config.yaml, so it loads on a TorchServe whose Python has only torch,
-torchserve, numpy, pyyaml and safetensors.
+the config.  The archive holds the handler, the dlrm_serve modules it imports
+(nothing else of the package) and a model-config.yaml, so it loads on a
+TorchServe whose Python has only torch, torchserve, numpy, pyyaml and
+safetensors.  The onnxruntime archive holds the ONNX graphs and their data
+instead of dlrm.safetensors.
 
 Options:
   --artifacts DIR        artifacts folder (default: artifacts)
@@ -146,9 +148,12 @@ if [ -z "$BACKEND" ]; then
 fi
 
 EXTRA=("$ARTIFACTS/dlrm.json")
+SERIALIZED="$ARTIFACTS/dlrm.safetensors"
 if [ "$BACKEND" = onnxruntime ]; then
   [ -f "$ARTIFACTS/dlrm.onnx" ] || die "--backend onnxruntime needs '$ARTIFACTS/dlrm.onnx' (export it first)"
-  EXTRA+=("$ARTIFACTS/dlrm.onnx")
+  # The graph is the serialized file; no safetensors: the tables are in
+  # dlrm.onnx.data, whose fingerprint the graph records at export.
+  SERIALIZED="$ARTIFACTS/dlrm.onnx"
   [ -f "$ARTIFACTS/dlrm.onnx.data" ] && EXTRA+=("$ARTIFACTS/dlrm.onnx.data")
   # The one-id-per-bag graph (optional: without it every batch runs dlrm.onnx).
   [ -f "$ARTIFACTS/dlrm.one_id.onnx" ] && EXTRA+=("$ARTIFACTS/dlrm.one_id.onnx")
@@ -158,11 +163,17 @@ mkdir -p "$MODEL_STORE"
 STAGE=$(mktemp -d "${TMPDIR:-/tmp}/dlrm-mar.XXXXXX")
 trap 'rm -rf "$STAGE"' EXIT
 
+# Only the modules the handler imports (dlrm_serve.packaging follows its
+# imports): no launcher, client, trainer or converter in the archive.
 # --extra-files copies a folder's contents; staging the package under a parent
 # keeps the dlrm_serve/ folder itself in the archive.
 mkdir -p "$STAGE/lib"
-cp -R dlrm_serve "$STAGE/lib/dlrm_serve"
-find "$STAGE/lib" \( -name __pycache__ -o -name _proto \) -prune -exec rm -rf {} +
+MODULES=$(PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" "$PY" -m dlrm_serve.packaging handler/dlrm_handler.py "$ROOT") \
+  || die "could not list the modules handler/dlrm_handler.py imports"
+for rel in $MODULES; do
+  mkdir -p "$STAGE/lib/$(dirname "$rel")"
+  cp "$rel" "$STAGE/lib/$rel"
+done
 EXTRA+=("$STAGE/lib")
 
 cat > "$STAGE/model-config.yaml" <<EOF
@@ -187,7 +198,7 @@ EXTRA_CSV=$(IFS=,; echo "${EXTRA[*]}")
   --model-name "$MODEL_NAME" \
   --version "$VERSION" \
   --handler handler/dlrm_handler.py \
-  --serialized-file "$ARTIFACTS/dlrm.safetensors" \
+  --serialized-file "$SERIALIZED" \
   --extra-files "$EXTRA_CSV" \
   --config-file "$STAGE/model-config.yaml" \
   --archive-format "$ARCHIVE_FORMAT" \

@@ -40,7 +40,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -48,15 +47,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (  # noqa: E402
-    gemm_gflops,
-    machine_info,
-    machine_line,
-    markdown_table,
-    save_plot,
-    time_interleaved,
-    write_markdown,
-)
+from common import connector, drive, gemm_gflops, machine_info, machine_line, markdown_table, save_plot, time_interleaved, write_markdown  # noqa: E402
 
 from dlrm_serve.artifacts import load_model, save_artifacts  # noqa: E402
 from dlrm_serve.config import preset  # noqa: E402
@@ -233,15 +224,18 @@ def serve_comparison(artifacts: Path, encoder: FeatureEncoder, work: Path, threa
                 answers[m] = np.asarray(resp.json()["predictions"])
             diff = float(np.abs(answers["dlrm"] - answers["dlrm_onnx"]).max())
             # Two clients keep a request queued while one is served; models take turns.
-            rates: dict[str, list[float]] = {m: [] for m in models}
-            lat: dict[str, list[float]] = {m: [] for m in models}
+            runs: dict[str, list[dict]] = {m: [] for m in models}
             for _ in range(3):
                 for m in models:
-                    done, lats = _drive(server, m, body, BINARY_CONTENT_TYPE, clients=2, seconds=seconds / 3)
-                    rates[m].append(done * rows / (seconds / 3))
-                    lat[m].extend(lats)
+                    runs[m].append(
+                        drive(connector("rest", server=server, model=m), [body], BINARY_CONTENT_TYPE, rows, 2, seconds / 3, warmup=1)
+                    )
             results[rows] = {
-                m: (float(max(rates[m])), float(np.percentile(lat[m], 50) * 1e3), float(np.percentile(lat[m], 99) * 1e3))
+                m: (
+                    float(max(r["rows_per_s"] for r in runs[m])),
+                    float(np.median([r["p50_ms"] for r in runs[m]])),
+                    float(np.median([r["p99_ms"] for r in runs[m]])),
+                )
                 for m in models
             }
             results[rows]["diff"] = diff
@@ -252,33 +246,6 @@ def serve_comparison(artifacts: Path, encoder: FeatureEncoder, work: Path, threa
     finally:
         server.stop()
     return results
-
-
-def _drive(server, model: str, body: bytes, ctype: str, clients: int, seconds: float) -> tuple[int, list[float]]:
-    """Requests completed by ``clients`` threads in ``seconds``, and their latencies."""
-    stop = time.perf_counter() + seconds
-    counts = [0] * clients
-    lats: list[list[float]] = [[] for _ in range(clients)]
-    errors: list[str] = []
-
-    def loop(k: int) -> None:
-        while time.perf_counter() < stop:
-            t0 = time.perf_counter()
-            r = server.predict(model, body, ctype)
-            if r.status != 200:
-                errors.append(f"{r.status} {r.text[:200]}")
-                return
-            lats[k].append(time.perf_counter() - t0)
-            counts[k] += 1
-
-    threads = [threading.Thread(target=loop, args=(k,)) for k in range(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if errors:
-        raise RuntimeError(f"{model}: {errors[0]}")
-    return sum(counts), [x for per in lats for x in per]
 
 
 # ----- report ---------------------------------------------------------------------------------

@@ -1,30 +1,41 @@
-"""End-to-end throughput and latency through TorchServe over REST.
+"""End-to-end throughput and latency through TorchServe, per transport and payload.
 
 Starts a private TorchServe (dlrm_serve.launcher, free loopback ports), builds
 the archive with ./build_mar.sh, registers it with the benchmark's batching
-settings, and drives it with keep-alive HTTP clients (one http.client
-connection per thread) for JSON and binary payloads of 1, 64 and 1024 rows
-at concurrency 1, 4 and 16.  The in-process forward pass on the same rows is
-measured in the same run, as is the machine's GEMM rate, so the numbers read
-as ratios.  Writes bench/results/bench_serve.{md,png,json}.
+settings, and drives it with :func:`common.drive` (one connection per client
+thread) for JSON, TSV and binary payloads of 1, 64 and 1024 rows at
+concurrency 1, 4 and 16, over the transports asked for:
 
-    python bench/bench_serve.py            # full run (about 4 minutes)
-    python bench/bench_serve.py --quick    # smoke run (about 1 minute)
+- ``rest``: keep-alive ``http.client`` connections;
+- ``grpc``: one channel per client, the body as the input ``data``;
+- ``inprocess``: the same decode + forward (``dlrm_serve.serving.Predictor``)
+  in this process, no TorchServe: the cost of the server around it.
+
+With several transports each cell runs them in interleaved rounds (A B, B A,
+...), so load from other processes lands on all alike.  The in-process
+forward pass on the same rows is measured right before every cell, as is
+the machine's GEMM rate once, so the numbers read as ratios.  Server CPU per
+row counts the Java frontend and the Python workers (psutil).
+
+    python bench/bench_serve.py                       # REST (about 5 minutes)
+    python bench/bench_serve.py --quick               # smoke run (about 1 minute)
+    python bench/bench_serve.py --transports rest,grpc --library   # = bench_grpc.py
+
+Writes bench/results/NAME.{md,png,json} (NAME: bench_serve, or --name).
 
 Targets: binary payloads of 1024 rows reach at least 70% of the in-process
-forward throughput; a single-row request at concurrency 1 has p99 <= 5 ms.
+forward throughput; a single-row request at concurrency 1 has p99 <= 5 ms;
+with gRPC, gRPC binary at 1024 rows reaches at least the REST throughput.
 """
 
 from __future__ import annotations
 
 import argparse
-import http.client
 import json
 import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -32,20 +43,20 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import gemm_gflops, machine_info, machine_line, markdown_table, results_dir, save_plot, time_interleaved, write_markdown  # noqa: E402
+import common  # noqa: E402
+from common import CONTENT_TYPES, TRANSPORTS, connector, drive, random_columns, request_bodies  # noqa: E402
 
-from dlrm_serve.codecs import encode_binary  # noqa: E402
 from dlrm_serve.features import FeatureEncoder  # noqa: E402
 from dlrm_serve.launcher import TorchServe  # noqa: E402
 
-__all__ = ["main"]
+__all__ = ["main", "parser", "demo_artifacts"]
 
 NAME = "bench_serve"
-FORMATS = {"binary": "application/x-dlrm", "json": "application/json"}
 
 
-# ----- model and payloads ----------------------------------------------------------------
+# ----- model -------------------------------------------------------------------------------
 def demo_artifacts(requested: str | None, scratch: Path) -> tuple[Path, str]:
     """The artifacts to serve: ``--artifacts``, else artifacts/ when trained, else a random demo model."""
     if requested:
@@ -55,9 +66,9 @@ def demo_artifacts(requested: str | None, scratch: Path) -> tuple[Path, str]:
         return trained, "trained (artifacts/)"
     import torch
 
-    from dlrm_serve.artifacts import save_artifacts
     from dlrm_serve.config import preset
     from dlrm_serve.model import DLRM
+    from dlrm_serve.weights import save_artifacts
 
     torch.manual_seed(0)
     out = scratch / "artifacts"
@@ -65,39 +76,8 @@ def demo_artifacts(requested: str | None, scratch: Path) -> tuple[Path, str]:
     return out, "random demo (artifacts/ is empty)"
 
 
-def random_rows(config, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Criteo-like raw rows: dense counts (some missing) and hex categorical strings."""
-    rng = np.random.default_rng(seed)
-    dense = rng.integers(0, 500, size=(n, config.num_dense)).astype(np.float64)
-    dense[rng.random(dense.shape) < 0.1] = np.nan
-    sparse = rng.integers(0, 2**32, size=(n, config.num_sparse), dtype=np.uint64)
-    hexes = np.array([[f"{v:08x}" for v in row] for row in sparse])
-    return dense, hexes
-
-
-def json_body(dense: np.ndarray, hexes: np.ndarray) -> bytes:
-    instances = [
-        {"dense": [None if np.isnan(v) else int(v) for v in d], "sparse": list(map(str, s))}
-        for d, s in zip(dense, hexes)
-    ]
-    return json.dumps({"instances": instances}, separators=(",", ":")).encode()
-
-
-def payloads(encoder: FeatureEncoder, sizes: list[int], copies: int) -> dict[tuple[str, int], list[bytes]]:
-    out: dict[tuple[str, int], list[bytes]] = {}
-    for rows in sizes:
-        for fmt in FORMATS:
-            out[(fmt, rows)] = []
-        for k in range(copies):
-            dense, hexes = random_rows(encoder.config, rows, seed=rows * 100 + k)
-            out[("json", rows)].append(json_body(dense, hexes))
-            out[("binary", rows)].append(encode_binary(encoder.raw_columns(dense, hexes)))
-    return out
-
-
-# ----- in-process reference ------------------------------------------------------------------
 class InProcess:
-    """The forward pass in this process on ``rows``-row batches of the same kind of rows."""
+    """The forward pass alone, in this process, on ``rows``-row batches of the same kind of rows."""
 
     def __init__(self, artifacts: Path, encoder: FeatureEncoder, rows: int):
         import torch
@@ -106,8 +86,7 @@ class InProcess:
 
         self.torch = torch
         self.rows = rows
-        dense, hexes = random_rows(encoder.config, rows, seed=7)
-        self.batch = encoder.encode_columns(dense, hexes)
+        self.batch = encoder.encode_columns(*random_columns(encoder.config, rows, seed=7))
         self.backend = load_backend(artifacts, "torch")
         self.cores = os.cpu_count() or 1
 
@@ -123,7 +102,7 @@ class InProcess:
         fns = {f"{self.cores} threads": self._run(self.cores)}
         if self.cores > 1:
             fns["1 thread"] = self._run(1)
-        timings = time_interleaved(fns, warmup=1, rounds=rounds, min_repeat_s=0.05)
+        timings = common.time_interleaved(fns, warmup=1, rounds=rounds, min_repeat_s=0.05)
         # CPU time per row on one thread: what serving's CPU per row compares with.
         self.torch.set_num_threads(1)
         calls = 2 * rounds
@@ -137,113 +116,83 @@ class InProcess:
         return {"rows_per_s": rates[best], "best": best, "all": rates, "cpu_us_per_row": cpu_us}
 
 
-# ----- the load generator ----------------------------------------------------------------------
-def server_processes(server: TorchServe) -> list:
-    """psutil handles of the TorchServe wrapper, the JVM and the Python workers."""
-    import psutil
+# ----- cells -------------------------------------------------------------------------------
+def run_cell(connectors: dict, procs: dict, bodies: list[bytes], ctype: str, rows: int, concurrency: int, seconds: float, rounds: int) -> dict[str, dict]:
+    """Every transport on one cell, in ``rounds`` interleaved rounds, pooled.
 
-    root = psutil.Process(server.process.pid)
-    return [root, *root.children(recursive=True)]
+    rows/s is pooled over the rounds (successful rows / seconds); p50/p99 are
+    the medians of the rounds' values; CPU per row is pooled.
+    """
+    names = list(connectors)
+    parts: dict[str, list[dict]] = {t: [] for t in names}
+    for k in range(rounds):
+        for t in names if k % 2 == 0 else names[::-1]:
+            parts[t].append(drive(connectors[t], bodies, ctype, rows, concurrency, seconds / rounds, server_procs=procs[t]))
+    out = {}
+    for t, rs in parts.items():
+        secs = sum(r["seconds"] for r in rs)
+        done_rows = sum(r["ok"] for r in rs) * rows
+        out[t] = {
+            "requests": sum(r["requests"] for r in rs),
+            "errors": sum(r["errors"] for r in rs),
+            "failures": [f for r in rs for f in r["failures"]],
+            "seconds": secs,
+            "rows_per_s": done_rows / secs,
+            "p50_ms": float(np.median([r["p50_ms"] for r in rs])),
+            "p99_ms": float(np.median([r["p99_ms"] for r in rs])),
+            "server_cpu_us_per_row": sum(r["server_cpu_us_per_row"] * r["ok"] * rows for r in rs) / max(done_rows, 1),
+            "client_cpu_us_per_row": sum(r["client_cpu_us_per_row"] * r["ok"] * rows for r in rs) / max(done_rows, 1),
+            "rounds": [r["rows_per_s"] for r in rs],
+        }
+    return out
 
 
-def cpu_seconds(procs: list) -> float:
-    """User + system CPU seconds the processes have used so far."""
-    import psutil
+def drive_library(server: TorchServe, artifacts: Path, transport: str, rows_per_request: int, concurrency: int, seconds: float) -> dict:
+    """``dlrm_serve.client`` scoring raw Criteo-like rows, binary payloads, for about ``seconds``."""
+    from dlrm_serve.client import Keys, connect
 
-    total = 0.0
-    for p in procs:
-        try:
-            t = p.cpu_times()
-            total += t.user + t.system
-        except psutil.Error:
-            pass
-    return total
-
-
-def drive(server: TorchServe, model: str, bodies: list[bytes], ctype: str, rows: int, concurrency: int, seconds: float, max_requests: int) -> dict:
-    """Keep-alive clients posting ``bodies`` in turn for ``seconds``; latency of every request."""
-    port = server.ports.inference
-    headers = {"Authorization": f"Bearer {server.inference_key}", "Content-Type": ctype}
-    path = f"/predictions/{model}"
-    lat: list[list[float]] = [[] for _ in range(concurrency)]
-    errors = [0] * concurrency
-    checked = [False] * concurrency
-    per_thread = max(1, max_requests // concurrency)
-    start_gate = threading.Barrier(concurrency + 1)
-    deadline = [float("inf")]  # set for real once every client is connected
-
-    def client(i: int):
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-        for w in range(2):  # warm the connection and the workers
-            conn.request("POST", path, body=bodies[(i + w) % len(bodies)], headers=headers)
-            conn.getresponse().read()
-        start_gate.wait()
-        k = i
-        out = lat[i]
-        while time.perf_counter() < deadline[0] and len(out) < per_thread:
-            body = bodies[k % len(bodies)]
-            k += 1
-            t0 = time.perf_counter()
-            try:
-                conn.request("POST", path, body=body, headers=headers)
-                resp = conn.getresponse()
-                data = resp.read()
-            except (OSError, http.client.HTTPException):
-                errors[i] += 1
-                conn.close()
-                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-                continue
-            out.append(time.perf_counter() - t0)
-            if resp.status != 200:
-                errors[i] += 1
-            elif not checked[i]:
-                got = len(json.loads(data)["predictions"])
-                if got != rows:
-                    raise RuntimeError(f"expected {rows} predictions, got {got}")
-                checked[i] = True
-        conn.close()
-
-    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(concurrency)]
-    for t in threads:
-        t.start()
-    procs = server_processes(server)
-    start_gate.wait()
-    t_start = time.perf_counter()
-    cpu_server, cpu_client = cpu_seconds(procs), time.process_time()
-    deadline[0] = t_start + seconds
-    for t in threads:
-        t.join()
-    elapsed = time.perf_counter() - t_start
-    cpu_server, cpu_client = cpu_seconds(procs) - cpu_server, time.process_time() - cpu_client
-    all_lat = np.array([x for xs in lat for x in xs])
-    done = len(all_lat) - sum(errors)
-    scored = max(done * rows, 1)
+    with connect(
+        transport,
+        inference_url=server.inference_url,
+        management_url=server.management_url,
+        grpc_target=server.grpc_inference_target,
+        keys=Keys(inference=server.inference_key),
+        model="bench",
+        config=artifacts,
+        payload="binary",
+        rows_per_request=rows_per_request,
+        concurrency=concurrency,
+    ) as client:
+        total = rows_per_request * concurrency * 8
+        dense, hexes = random_columns(client.config, total, seed=99)
+        probs = client.predict(dense=dense, sparse=hexes)  # warm-up, and a check
+        if probs.shape != (total,):
+            raise RuntimeError(f"expected {total} predictions, got {probs.shape}")
+        done, t0 = 0, time.perf_counter()
+        cpu0 = time.process_time()
+        while time.perf_counter() - t0 < seconds:
+            done += len(client.predict(dense=dense, sparse=hexes))
+        elapsed = time.perf_counter() - t0
+        cpu = time.process_time() - cpu0
+        retries = client.stats["retries"]
     return {
-        "server_cpu_us_per_row": cpu_server / scored * 1e6,
-        "client_cpu_us_per_row": cpu_client / scored * 1e6,
-        "requests": int(len(all_lat)),
-        "errors": int(sum(errors)),
-        "seconds": elapsed,
-        "rows_per_s": done * rows / elapsed,
-        "p50_ms": float(np.percentile(all_lat, 50) * 1e3) if len(all_lat) else float("nan"),
-        "p99_ms": float(np.percentile(all_lat, 99) * 1e3) if len(all_lat) else float("nan"),
+        "transport": transport, "rows_per_request": rows_per_request, "concurrency": concurrency,
+        "rows_per_s": done / elapsed, "client_cpu_us_per_row": cpu / max(done, 1) * 1e6, "rows": done, "retries": retries,
     }
 
 
-# ----- report ------------------------------------------------------------------------------------
-def ref_best_one_thread(refs: list[dict]) -> bool:
-    """Whether one thread was the faster in-process setting in most measurements."""
-    return sum(x["best"] == "1 thread" for x in refs) * 2 > len(refs)
+# ----- report ------------------------------------------------------------------------------
+def plot(name: str, results: list[dict], reference: float):
+    keys = sorted({(r["transport"], r["format"], r["rows"]) for r in results})
+    styles = {"rest": "--", "grpc": "-", "inprocess": ":"}
 
-
-
-def plot(results: list[dict], reference: float, sizes: list[int]):
     def draw(ax):
-        for fmt, style in (("binary", "-"), ("json", "--")):
-            for rows in sizes:
-                pts = sorted((r["concurrency"], r["rows_per_s"]) for r in results if r["format"] == fmt and r["rows"] == rows)
-                if pts:
-                    ax.plot(*zip(*pts), style, marker="o", label=f"{fmt}, {rows} rows/request")
+        for transport, fmt, rows in keys:
+            pts = sorted(
+                (r["concurrency"], r["rows_per_s"]) for r in results
+                if (r["transport"], r["format"], r["rows"]) == (transport, fmt, rows)
+            )
+            ax.plot(*zip(*pts), styles.get(transport, "-"), marker="o", label=f"{transport} {fmt}, {rows} rows/request")
         ax.axhline(reference, color="black", linestyle=":", label="in-process forward")
         ax.axhline(0.7 * reference, color="grey", linestyle=":", linewidth=0.8, label="70% of in-process")
         ax.set_xscale("log", base=2)
@@ -252,47 +201,95 @@ def plot(results: list[dict], reference: float, sizes: list[int]):
         ax.set_yscale("log")
         ax.set_xlabel("concurrent clients")
         ax.set_ylabel("rows scored per second")
-        ax.set_title("DLRM through TorchServe (REST)")
-        ax.legend(fontsize=7)
+        ax.set_title("DLRM through TorchServe")
+        ax.legend(fontsize=6, ncol=2)
 
-    return save_plot(NAME, draw, figsize=(7.5, 4.5))
+    return common.save_plot(name, draw, figsize=(8.5, 5.0))
 
 
-def main(argv: list[str] | None = None) -> int:
+def verdicts(results: list[dict], big: int) -> list[str]:
+    out = []
+    for t in sorted({r["transport"] for r in results}):
+        cells = [r for r in results if r["transport"] == t and r["format"] == "binary" and r["rows"] == big]
+        if cells and t != "inprocess":
+            best = max(cells, key=lambda r: r["rows_per_s"])
+            out.append(
+                f"- {t}, binary, {big} rows/request: best {best['rows_per_s']:.0f} rows/s at {best['concurrency']} clients = "
+                f"{100 * best['vs_in_process']:.0f}% of the in-process forward measured next to it (target >= 70%): "
+                f"{'met' if best['vs_in_process'] >= 0.7 else 'NOT met'}"
+            )
+        for r in results:
+            if r["transport"] == t and r["rows"] == 1 and r["concurrency"] == 1:
+                out.append(
+                    f"- {t}, {r['format']}, 1 row, 1 client: p50 {r['p50_ms']:.2f} ms, p99 {r['p99_ms']:.2f} ms "
+                    f"(target p99 <= 5 ms): {'met' if r['p99_ms'] <= 5.0 else 'NOT met'}"
+                )
+    best = {
+        t: max((r for r in results if r["transport"] == t and r["format"] == "binary" and r["rows"] == big), key=lambda r: r["rows_per_s"], default=None)
+        for t in ("rest", "grpc")
+    }
+    if best["rest"] and best["grpc"]:
+        ratio = best["grpc"]["rows_per_s"] / best["rest"]["rows_per_s"]
+        out.append(
+            f"- binary, {big} rows/request: best gRPC {best['grpc']['rows_per_s']:.0f} vs best REST "
+            f"{best['rest']['rows_per_s']:.0f} rows/s = {ratio:.2f}x (target >= 1.0x): {'met' if ratio >= 1.0 else 'NOT met'}"
+        )
+    return out
+
+
+def csv_list(text: str, kind=int) -> list:
+    return [kind(x) for x in text.split(",") if x]
+
+
+def parser(name: str = NAME, transports: str = "rest", library: bool = False) -> argparse.ArgumentParser:
+    """The options of this script; ``bench_grpc.py`` is this parser with other defaults."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="smoke run: fewer cells, 1 s each")
     p.add_argument("--artifacts", default=None, help="artifacts to serve (default: artifacts/, else a random demo model)")
     p.add_argument("--workers", type=int, default=2, help="TorchServe workers for the model (default: 2)")
     p.add_argument("--threads", type=int, default=0, help="torch threads per worker; 0 = cores / workers")
-    p.add_argument("--batch-size", type=int, default=16, help="TorchServe dynamic batch size at registration")
-    p.add_argument("--max-batch-delay", type=int, default=0, help="ms TorchServe waits to fill a batch (0: take what is queued)")
-    p.add_argument("--seconds", type=float, default=None, help="seconds per cell (default 3, quick 1)")
+    p.add_argument("--batch-size", type=int, default=16, help="TorchServe dynamic batch size at registration (default: 16)")
+    p.add_argument("--max-batch-delay", type=int, default=1, help="ms TorchServe waits to fill a batch (default: 1, as in the archive)")
+    p.add_argument("--seconds", type=float, default=None, help="seconds per cell and transport (default 3, quick 1)")
     p.add_argument("--concurrency", default=None, help="comma list (default 1,4,16; quick 1,4)")
     p.add_argument("--rows", default=None, help="comma list of rows per request (default 1,64,1024; quick 1,1024)")
-    args = p.parse_args(argv)
+    p.add_argument("--formats", default="json,tsv,binary", help="comma list of payload formats (default json,tsv,binary)")
+    p.add_argument("--transports", default=transports, help=f"comma list of {', '.join(TRANSPORTS)} (default {transports})")
+    p.add_argument("--rounds", type=int, default=None, help="interleaved rounds per cell (default 1 with one transport, else 4; quick 2)")
+    p.add_argument("--library", action=argparse.BooleanOptionalAction, default=library, help="also time dlrm_serve.client.Client.predict")
+    p.add_argument("--name", default=name, help=f"results file name (default {name})")
+    return p
 
-    sizes = [int(x) for x in (args.rows or ("1,1024" if args.quick else "1,64,1024")).split(",")]
-    concs = [int(x) for x in (args.concurrency or ("1,4" if args.quick else "1,4,16")).split(",")]
+
+def main(argv: list[str] | None = None, *, defaults: dict | None = None) -> int:
+    args = parser(**(defaults or {})).parse_args(argv)
+    sizes = csv_list(args.rows or ("1,1024" if args.quick else "1,64,1024"))
+    concs = csv_list(args.concurrency or ("1,4" if args.quick else "1,4,16"))
+    formats = csv_list(args.formats, str)
+    transports = csv_list(args.transports, str)
+    for t in transports:
+        if t not in TRANSPORTS:
+            raise SystemExit(f"unknown transport {t!r}; choose from {TRANSPORTS}")
     seconds = args.seconds or (1.0 if args.quick else 3.0)
+    rounds = args.rounds or (1 if len(transports) == 1 else (2 if args.quick else 4))
     # The JVM's C2 compiler keeps working for many seconds after start; warm it
     # on every payload first, or its CPU lands in the first cells.
     warmup = 1.0 if args.quick else 4.0
-    info = machine_info()
+    info = common.machine_info()
     load_before = os.getloadavg()
-    print(f"machine: {machine_line(info)}; load average {load_before[0]:.2f}")
-    gflops = gemm_gflops(1024 if args.quick else 2048)
+    print(f"machine: {common.machine_line(info)}; load average {load_before[0]:.2f}")
+    gflops = common.gemm_gflops(1024 if args.quick else 2048)
     print(f"GEMM rate: {gflops:.1f} GFLOP/s")
 
-    with tempfile.TemporaryDirectory(prefix="bench_serve.") as tmp:
+    with tempfile.TemporaryDirectory(prefix=f"{args.name}.") as tmp:
         scratch = Path(tmp)
         artifacts, origin = demo_artifacts(args.artifacts, scratch)
         from dlrm_serve.artifacts import load_config
 
         encoder = FeatureEncoder(load_config(artifacts))
         local = InProcess(artifacts, encoder, max(sizes))
-        ref = local.measure(rounds=5 if args.quick else 15)
-        print(f"in-process forward, {max(sizes)}-row batches: {ref['rows_per_s']:.0f} rows/s ({ref['best']}; {ref['all']})")
-        refs = [ref]
+        refs = [local.measure(rounds=5 if args.quick else 15)]
+        print(f"in-process forward, {max(sizes)}-row batches: {refs[0]['rows_per_s']:.0f} rows/s ({refs[0]['best']})")
 
         store = scratch / "model_store"
         store.mkdir()
@@ -302,101 +299,101 @@ def main(argv: list[str] | None = None) -> int:
             "--archive-format", "zip-store",
         ]
         subprocess.run(build, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
-        bodies = payloads(encoder, sizes, copies=4)
-        results = []
+        bodies = {(fmt, rows): request_bodies(encoder, fmt, rows, copies=4) for fmt in formats for rows in sizes}
+        results: list[dict] = []
+        library: list[dict] = []
         with TorchServe(
             scratch / "ts", store, base_config=ROOT / "config.properties", load_models=None, log_config=ROOT / "log4j2.xml"
         ) as server:
-            server.register(
-                "bench.mar", initial_workers=args.workers, batch_size=args.batch_size, max_batch_delay=args.max_batch_delay
-            )
+            server.register("bench.mar", initial_workers=args.workers, batch_size=args.batch_size, max_batch_delay=args.max_batch_delay)
             server.wait_ready("bench", workers=args.workers)
-            # Warm up the JVM's JIT and the workers on every payload before timing.
-            for fmt, ctype in FORMATS.items():
-                for rows in sizes:
-                    drive(server, "bench", bodies[(fmt, rows)], ctype, rows, 4, warmup, max_requests=200_000)
-            for fmt, ctype in FORMATS.items():
+            predictor = None
+            if "inprocess" in transports:
+                from dlrm_serve.backends import load_backend
+                from dlrm_serve.serving import Predictor
+
+                predictor = Predictor(load_backend(artifacts, "torch", threads=args.threads or None))
+            connectors = {t: connector(t, server=server, predictor=predictor) for t in transports}
+            served = common.server_processes(server)
+            procs = {t: ([] if t == "inprocess" else served) for t in transports}
+            for t in transports:  # warm the JIT and the workers on every payload before timing
+                for (fmt, rows), bs in bodies.items():
+                    drive(connectors[t], bs, CONTENT_TYPES[fmt], rows, 4, warmup)
+            for fmt in formats:
                 for rows in sizes:
                     for conc in concs:
-                        # The reference is measured right before each cell, so both see the same load.
-                        near = local.measure(rounds=3)
+                        near = local.measure(rounds=3)  # right before the cell: both see the same load
                         refs.append(near)
-                        r = drive(server, "bench", bodies[(fmt, rows)], ctype, rows, conc, seconds, max_requests=200_000)
-                        r.update(
-                            format=fmt, rows=rows, concurrency=conc,
-                            in_process_rows_per_s=near["rows_per_s"],
-                            vs_in_process=r["rows_per_s"] / near["rows_per_s"],
-                            cpu_efficiency=near["cpu_us_per_row"] / (r["server_cpu_us_per_row"] + r["client_cpu_us_per_row"]),
-                        )
-                        results.append(r)
-                        print(
-                            f"{fmt:6s} {rows:5d} rows x {conc:2d} clients: {r['rows_per_s']:10.0f} rows/s "
-                            f"({100 * r['vs_in_process']:5.1f}% of in-process {near['rows_per_s']:.0f})  p50 {r['p50_ms']:7.2f} ms  "
-                            f"p99 {r['p99_ms']:7.2f} ms  CPU/row: server {r['server_cpu_us_per_row']:.2f} us, "
-                            f"client {r['client_cpu_us_per_row']:.2f} us  {r['requests']} requests, {r['errors']} errors"
-                        )
+                        cell = run_cell(connectors, procs, bodies[(fmt, rows)], CONTENT_TYPES[fmt], rows, conc, seconds, rounds)
+                        for t, r in cell.items():
+                            cpu = r["client_cpu_us_per_row"] + (0 if t == "inprocess" else r["server_cpu_us_per_row"])
+                            r.update(
+                                transport=t, format=fmt, rows=rows, concurrency=conc,
+                                in_process_rows_per_s=near["rows_per_s"], vs_in_process=r["rows_per_s"] / near["rows_per_s"],
+                                cpu_efficiency=near["cpu_us_per_row"] / cpu if cpu > 0 else float("nan"),
+                            )
+                            results.append(r)
+                            print(
+                                f"{t:9s} {fmt:6s} {rows:5d} rows x {conc:2d} clients: {r['rows_per_s']:10.0f} rows/s "
+                                f"({100 * r['vs_in_process']:5.1f}% of in-process)  p50 {r['p50_ms']:7.2f} ms  "
+                                f"p99 {r['p99_ms']:7.2f} ms  CPU/row: server {r['server_cpu_us_per_row']:.2f} us, "
+                                f"client {r['client_cpu_us_per_row']:.2f} us  {r['requests']} requests, {r['errors']} errors"
+                                + (f", failures: {r['failures'][:2]}" if r["failures"] else ""),
+                                flush=True,
+                            )
+            if args.library:
+                big = max(sizes)
+                for conc in [c for c in concs if c > 1] or concs:
+                    for t in [t for t in transports if t != "inprocess"]:
+                        r = drive_library(server, artifacts, t, big, conc, seconds)
+                        library.append(r)
+                        print(f"dlrm_serve.client {t:4s} binary {big} rows/request x {conc} in flight: {r['rows_per_s']:10.0f} rows/s", flush=True)
             workers = server.describe("bench")[0]["workers"]
     load_after = os.getloadavg()
 
     big = max(sizes)
     ref_rate = float(np.median([x["rows_per_s"] for x in refs]))
     ref_cpu = float(np.median([x["cpu_us_per_row"] for x in refs]))
-    best_bin = max((r for r in results if r["format"] == "binary" and r["rows"] == big), key=lambda r: r["rows_per_s"])
-    single = {r["format"]: r for r in results if r["rows"] == 1 and r["concurrency"] == 1}
-    best_eff = max((r for r in results if r["format"] == "binary" and r["rows"] == big), key=lambda r: r["cpu_efficiency"])
-    cores = local.cores
-    # Throughput follows from CPU per row when nothing else runs: serving can use
-    # every core, the in-process reference runs on its better thread count.
-    projected = cores * best_eff["cpu_efficiency"] if ref_best_one_thread(refs) else best_eff["cpu_efficiency"]
-    verdicts = [
-        f"- binary, {big} rows/request: best {best_bin['rows_per_s']:.0f} rows/s at {best_bin['concurrency']} clients = "
-        f"{100 * best_bin['vs_in_process']:.0f}% of the in-process rate measured next to it (target >= 70%): "
-        f"{'met' if best_bin['vs_in_process'] >= 0.7 else 'NOT met'}",
-        f"- binary, {big} rows/request: CPU efficiency {100 * best_eff['cpu_efficiency']:.0f}% "
-        f"(server + client spend {1 / best_eff['cpu_efficiency']:.1f}x the forward pass's CPU); on an otherwise idle "
-        f"machine that projects to {100 * projected:.0f}% of in-process throughput "
-        f"({cores} workers on {cores} cores against the forward pass on its better thread count)",
-    ]
-    for fmt, r in single.items():
-        verdicts.append(
-            f"- {fmt}, 1 row, 1 client: p50 {r['p50_ms']:.2f} ms, p99 {r['p99_ms']:.2f} ms (target p99 <= 5 ms): "
-            f"{'met' if r['p99_ms'] <= 5.0 else 'NOT met'}"
-        )
-    print("\n".join(verdicts))
-
-    table = markdown_table(
-        ["format", "rows/request", "clients", "requests", "rows/s", "% of in-process", "p50 ms", "p99 ms",
-         "server CPU us/row", "client CPU us/row", "CPU efficiency %", "errors"],
+    lines = verdicts(results, big)
+    print("\n".join(lines))
+    table = common.markdown_table(
+        ["transport", "format", "rows/request", "clients", "requests", "errors", "rows/s", "% of in-process", "p50 ms", "p99 ms",
+         "server CPU us/row", "client CPU us/row", "CPU efficiency %"],
         [
-            [r["format"], r["rows"], r["concurrency"], r["requests"], f"{r['rows_per_s']:.0f}",
+            [r["transport"], r["format"], r["rows"], r["concurrency"], r["requests"], r["errors"], f"{r['rows_per_s']:.0f}",
              f"{100 * r['vs_in_process']:.1f}", f"{r['p50_ms']:.2f}", f"{r['p99_ms']:.2f}",
-             f"{r['server_cpu_us_per_row']:.2f}", f"{r['client_cpu_us_per_row']:.2f}",
-             f"{100 * r['cpu_efficiency']:.1f}", r["errors"]]
+             f"{r['server_cpu_us_per_row']:.2f}", f"{r['client_cpu_us_per_row']:.2f}", f"{100 * r['cpu_efficiency']:.1f}"]
             for r in results
         ],
     )
     setup = (
-        f"Machine: {machine_line(info)}; FP32 GEMM {gflops:.1f} GFLOP/s; load average "
+        f"Machine: {common.machine_line(info)}; FP32 GEMM {gflops:.1f} GFLOP/s; load average "
         f"{load_before[0]:.2f} before, {load_after[0]:.2f} after (other processes share the CPU; "
-        "the client runs on the same cores as the server).\n\n"
+        "the clients run on the same cores as the server).\n\n"
         f"Model: {origin}, {encoder.config.total_rows} table rows x {encoder.config.embedding_dim}. "
-        f"Server: TorchServe 0.12, {args.workers} workers, torch threads per worker "
-        f"{args.threads or 'cores / workers'}, batchSize {args.batch_size}, maxBatchDelay {args.max_batch_delay} ms, "
-        f"{len(workers)} workers up at the end. Client: {seconds:g} s per cell, one keep-alive http.client "
-        "connection per client thread.\n\n"
-        f"In-process forward ({big}-row batches, same rows, decoding excluded), measured right before "
-        f"every cell, the better of {local.cores} threads and 1 thread: median {ref_rate:.0f} rows/s "
-        f"(range {min(x['rows_per_s'] for x in refs):.0f}-{max(x['rows_per_s'] for x in refs):.0f}; "
-        f"1 thread was the better one {sum(x['best'] == '1 thread' for x in refs)} of {len(refs)} times); "
-        f"{ref_cpu:.2f} us of CPU per row on one thread. Each cell's % is against the measurement next to it.\n\n"
-        "CPU efficiency = in-process CPU per row / (server + client CPU per row): the share of the CPU "
-        "that serving spends on the forward pass itself. Unlike rows/s it hardly moves when other "
-        "processes load the machine. Server CPU counts the JVM and the Python workers."
+        f"Server: TorchServe 0.12, {args.workers} workers, torch threads per worker {args.threads or 'cores / workers'}, "
+        f"batchSize {args.batch_size}, maxBatchDelay {args.max_batch_delay} ms, {len(workers)} workers up at the end. "
+        f"Each cell: {seconds:g} s per transport in {rounds} interleaved round(s); one connection per client thread "
+        "(REST keep-alive http.client; gRPC one channel, the body as input `data`; in-process: Predictor.handle).\n\n"
+        f"In-process forward ({big}-row batches, decoding excluded), measured right before every cell, the better of "
+        f"{local.cores} threads and 1 thread: median {ref_rate:.0f} rows/s; {ref_cpu:.2f} us of CPU per row on one thread.\n\n"
+        "CPU efficiency = in-process CPU per row / (server + client CPU per row): the share of the CPU that serving "
+        "spends on the forward pass itself. Server CPU counts the JVM and the Python workers."
     )
-    md = write_markdown(NAME, "Serving benchmark: TorchServe REST vs in-process", [setup, table, "Targets:\n\n" + "\n".join(verdicts)])
-    png = plot(results, ref_rate, sizes)
-    raw = results_dir() / f"{NAME}.json"
-    raw.write_text(json.dumps({"machine": info, "gemm_gflops": gflops, "in_process": refs, "results": results, "args": vars(args)}, indent=2) + "\n")
+    sections = [setup, table, "Targets:\n\n" + "\n".join(lines)]
+    if library:
+        sections.append(
+            "Through `dlrm_serve.client` (`Client.predict` on raw rows: hashing, binary encoding, chunking, thread pool):\n\n"
+            + common.markdown_table(
+                ["transport", "rows/request", "in flight", "rows/s", "client CPU us/row", "retries"],
+                [[r["transport"], r["rows_per_request"], r["concurrency"], f"{r['rows_per_s']:.0f}",
+                  f"{r['client_cpu_us_per_row']:.1f}", r["retries"]] for r in library],
+            )
+        )
+    md = common.write_markdown(args.name, "Serving benchmark: TorchServe by transport and payload", sections)
+    png = plot(args.name, results, ref_rate)
+    raw = common.results_dir() / f"{args.name}.json"
+    raw.write_text(json.dumps({"machine": info, "gemm_gflops": gflops, "in_process": refs, "results": results, "library": library, "args": vars(args)}, indent=2) + "\n")
     print(f"wrote {md}, {png} and {raw}")
     return 0
 

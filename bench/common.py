@@ -6,6 +6,10 @@ different machine.  Timings are medians of repeats after a warm-up; when
 several things are compared they are timed in interleaved rounds, so load
 from other processes hits all of them alike.
 
+:func:`drive` is the one load driver of the serving benchmarks: client
+threads send request bodies over a transport (REST, gRPC or in-process)
+for a fixed time, with the error accounting of every script.
+
 Scripts run as ``python bench/<name>.py`` import this module as
 ``from common import ...`` (the script's folder is on ``sys.path``); code
 run from the repository root can use ``from bench.common import ...``.
@@ -13,13 +17,17 @@ run from the repository root can use ``from bench.common import ...``.
 
 from __future__ import annotations
 
+import http.client
 import os
 import platform
 import statistics
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
 
 __all__ = [
     "RESULTS_DIR",
@@ -33,6 +41,18 @@ __all__ = [
     "markdown_table",
     "write_markdown",
     "save_plot",
+    "random_columns",
+    "request_bodies",
+    "CONTENT_TYPES",
+    "TRANSPORTS",
+    "RequestFailed",
+    "RestConnection",
+    "GrpcConnection",
+    "InProcessConnection",
+    "connector",
+    "server_processes",
+    "cpu_seconds",
+    "drive",
 ]
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -241,3 +261,289 @@ def save_plot(name: str, draw: Callable[[object], None], figsize: tuple[float, f
     finally:
         plt.close(fig)
     return path
+
+
+# ----- traffic ------------------------------------------------------------------------------
+def random_columns(config, rows: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Criteo-like raw rows: dense counts (10% missing, NaN) and hex categorical strings."""
+    rng = np.random.default_rng(seed)
+    dense = rng.integers(0, 500, size=(rows, config.num_dense)).astype(np.float64)
+    dense[rng.random(dense.shape) < 0.1] = np.nan
+    ids = rng.integers(0, 2**32, size=(rows, config.num_sparse), dtype=np.uint64)
+    return dense, np.char.mod("%08x", ids)
+
+
+def _tsv_lines(dense: np.ndarray, sparse: np.ndarray) -> list[str]:
+    """Unlabelled Criteo lines (missing dense values as empty fields)."""
+    return [
+        "\t".join(["" if np.isnan(v) else str(int(v)) for v in d] + list(map(str, s)))
+        for d, s in zip(dense, sparse)
+    ]
+
+
+CONTENT_TYPES = {"json": "application/json", "tsv": "text/tab-separated-values", "binary": "application/x-dlrm"}
+
+
+def request_bodies(encoder, fmt: str, rows: int, copies: int, seed: int = 0) -> list[bytes]:
+    """``copies`` request bodies of ``rows`` random rows in ``fmt`` (json, tsv or binary),
+    made by the client's own encoder (:func:`dlrm_serve.client.payloads.encode_rows`)."""
+    from dlrm_serve.client.payloads import encode_rows
+
+    out = []
+    for k in range(copies):
+        lines = _tsv_lines(*random_columns(encoder.config, rows, seed=seed + rows * 100 + k))
+        out.append(encode_rows(lines, "lines", fmt, encoder).body)
+    return out
+
+
+# ----- the load driver ----------------------------------------------------------------------
+TRANSPORTS = ("rest", "grpc", "inprocess")
+
+
+class RequestFailed(Exception):
+    """The server answered, but not with predictions (an HTTP error, an error body)."""
+
+
+class RestConnection:
+    """One keep-alive ``http.client`` connection posting to ``/predictions/MODEL``."""
+
+    def __init__(self, port: int, model: str, key: str | None, timeout: float = 300.0):
+        self.port, self.timeout = port, timeout
+        self.path = f"/predictions/{model}"
+        self.auth = {"Authorization": f"Bearer {key}"} if key else {}
+        self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+
+    def __call__(self, body: bytes, content_type: str) -> bytes:
+        try:
+            self.conn.request("POST", self.path, body=body, headers={**self.auth, "Content-Type": content_type})
+            resp = self.conn.getresponse()
+            data = resp.read()
+        except (OSError, http.client.HTTPException):
+            # A fresh connection for the next request; this one counts as an error.
+            self.conn.close()
+            self.conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=self.timeout)
+            raise
+        if resp.status != 200:
+            raise RequestFailed(f"HTTP {resp.status}: {data[:200]!r}")
+        return data
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+# Room for the biggest bodies and answers (gRPC's receive default is 4 MB), and
+# a connection of its own per channel (gRPC Python otherwise shares one between
+# channels to the same target), as REST's client threads each have theirs.
+GRPC_CHANNEL_OPTIONS = [
+    ("grpc.max_send_message_length", 256 << 20),
+    ("grpc.max_receive_message_length", 256 << 20),
+    ("grpc.use_local_subchannel_pool", 1),
+]
+
+
+class GrpcConnection:
+    """One gRPC channel calling ``Predictions`` with the body as the input ``data``."""
+
+    def __init__(self, target: str, model: str, key: str | None, timeout: float = 300.0):
+        import grpc
+
+        from dlrm_serve import protos
+
+        self.grpc = grpc
+        self.pb = protos.load()
+        self.model, self.timeout = model, timeout
+        self.metadata = [("authorization", f"Bearer {key}")] if key else []
+        self.channel = grpc.insecure_channel(target, options=GRPC_CHANNEL_OPTIONS)
+        self.stub = self.pb.inference_pb2_grpc.InferenceAPIsServiceStub(self.channel)
+        self._requests: dict[int, Any] = {}  # built once per body, as a real client would reuse them
+
+    def __call__(self, body: bytes, content_type: str) -> bytes:
+        req = self._requests.get(id(body))
+        if req is None:
+            req = self._requests[id(body)] = self.pb.inference_pb2.PredictionsRequest(model_name=self.model, input={"data": body})
+        answer = self.stub.Predictions(req, metadata=self.metadata, timeout=self.timeout).prediction
+        # gRPC drops per-request status: an error is a body with a "code".
+        if answer[:8] == b'{"code":':
+            raise RequestFailed(answer[:200].decode("utf-8", "replace"))
+        return answer
+
+    def close(self) -> None:
+        self.channel.close()
+
+
+class InProcessConnection:
+    """The serving path without TorchServe: :class:`dlrm_serve.serving.Predictor` in this process."""
+
+    def __init__(self, predictor):
+        from dlrm_serve.serving import Request
+
+        self.predictor, self.Request = predictor, Request
+
+    def __call__(self, body: bytes, content_type: str) -> bytes:
+        replies, _ = self.predictor.handle([self.Request(body, content_type)])
+        if not replies[0].ok:
+            raise RequestFailed(replies[0].text()[:200])
+        return replies[0].text().encode("utf-8")
+
+    def close(self) -> None:
+        pass
+
+
+def connector(transport: str, *, server=None, model: str = "bench", predictor=None) -> Callable[[], Any]:
+    """A factory of per-thread connections of ``transport`` (see :data:`TRANSPORTS`)."""
+    if transport == "rest":
+        return lambda: RestConnection(server.ports.inference, model, server.inference_key)
+    if transport == "grpc":
+        return lambda: GrpcConnection(server.grpc_inference_target, model, server.inference_key)
+    if transport == "inprocess":
+        return lambda: InProcessConnection(predictor)
+    raise ValueError(f"transport must be one of {TRANSPORTS}, got {transport!r}")
+
+
+def server_processes(server) -> list:
+    """psutil handles of a launcher TorchServe: its wrapper, the Java frontend and the Python workers."""
+    import psutil
+
+    root = psutil.Process(server.process.pid)
+    return [root, *root.children(recursive=True)]
+
+
+def cpu_seconds(procs: list) -> float:
+    """User + system CPU seconds the processes have used so far (ended ones count 0)."""
+    import psutil
+
+    total = 0.0
+    for p in procs:
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system
+        except psutil.Error:
+            pass
+    return total
+
+
+def _count_predictions(answer: bytes) -> int:
+    import json
+
+    got = json.loads(answer).get("predictions")
+    return len(got) if isinstance(got, list) else -1
+
+
+def drive(
+    connect: Callable[[], Any],
+    bodies: Sequence[bytes],
+    content_type: str,
+    rows: int,
+    concurrency: int,
+    seconds: float,
+    *,
+    max_requests: int = 200_000,
+    warmup: int = 2,
+    server_procs: Sequence[Any] = (),
+    start_timeout: float = 300.0,
+) -> dict:
+    """``concurrency`` client threads, each with a connection from ``connect()``,
+    send ``bodies`` in turn for ``seconds`` (or ``max_requests`` in all).
+
+    Error accounting:
+
+    - each thread first sends ``warmup`` requests and checks that an answer
+      holds ``rows`` predictions; if any thread fails there, the run stops
+      and raises (nobody waits on the start barrier forever);
+    - in the timed part, a request that fails (an error answer, a broken
+      connection) counts as an error and the thread goes on; only answered
+      requests count as successes and give latencies;
+    - anything else raised in a thread ends that thread, is kept, and is
+      reported under ``failures`` (and raised when no request succeeded).
+
+    Returns requests, ok, errors, rows/s of successes, p50/p99 of successful
+    requests, and CPU per row of the client and of ``server_procs``.
+    """
+    if concurrency < 1 or seconds <= 0:
+        raise ValueError(f"need concurrency >= 1 and seconds > 0, got {concurrency} and {seconds}")
+    lat: list[list[float]] = [[] for _ in range(concurrency)]
+    errors = [0] * concurrency
+    failures: list[str] = []
+    per_thread = max(1, max_requests // concurrency)
+    start_gate = threading.Barrier(concurrency + 1)
+    deadline = [float("inf")]  # set for real once every client is warm
+
+    def client(i: int) -> None:
+        conn = None
+        try:
+            try:
+                conn = connect()
+                for w in range(warmup):  # warm the connection and the workers
+                    answer = conn(bodies[(i + w) % len(bodies)], content_type)
+                    got = _count_predictions(answer)
+                    if got != rows:
+                        raise RequestFailed(f"expected {rows} predictions, got {got}: {answer[:200]!r}")
+            except BaseException as e:
+                failures.append(f"warm-up of client {i}: {type(e).__name__}: {e}")
+                return
+            finally:
+                try:
+                    start_gate.wait(timeout=start_timeout)
+                except threading.BrokenBarrierError:
+                    return
+            if failures:
+                return
+            k, out = i, lat[i]
+            while time.perf_counter() < deadline[0] and len(out) + errors[i] < per_thread:
+                body = bodies[k % len(bodies)]
+                k += 1
+                t0 = time.perf_counter()
+                try:
+                    conn(body, content_type)
+                except (RequestFailed, OSError, http.client.HTTPException):
+                    errors[i] += 1
+                    continue
+                except Exception as e:  # grpc.RpcError and the like: the request failed
+                    if type(e).__module__.startswith("grpc"):
+                        errors[i] += 1
+                        continue
+                    raise
+                out.append(time.perf_counter() - t0)
+        except BaseException as e:  # kept and reported, not lost with the thread
+            failures.append(f"client {i}: {type(e).__name__}: {e}")
+        finally:
+            if conn is not None:
+                conn.close()
+
+    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(concurrency)]
+    for t in threads:
+        t.start()
+    try:
+        start_gate.wait(timeout=start_timeout)
+    except threading.BrokenBarrierError:
+        failures.append(f"the clients were not all warm after {start_timeout:g} s")
+    if failures:
+        deadline[0] = 0.0
+        start_gate.abort()
+        for t in threads:
+            t.join()
+        raise RuntimeError("; ".join(failures[:3]))
+    t_start = time.perf_counter()
+    cpu_server, cpu_client = cpu_seconds(server_procs), time.process_time()
+    deadline[0] = t_start + seconds
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - t_start
+    cpu_server, cpu_client = cpu_seconds(server_procs) - cpu_server, time.process_time() - cpu_client
+    ok_lat = np.array([x for xs in lat for x in xs])
+    ok = len(ok_lat)
+    if failures and ok == 0:
+        raise RuntimeError("; ".join(failures[:3]))
+    scored = max(ok * rows, 1)
+    return {
+        "requests": ok + sum(errors),
+        "ok": ok,
+        "errors": int(sum(errors)),
+        "failures": failures,
+        "seconds": elapsed,
+        "rows_per_s": ok * rows / elapsed,
+        "p50_ms": float(np.percentile(ok_lat, 50) * 1e3) if ok else float("nan"),
+        "p99_ms": float(np.percentile(ok_lat, 99) * 1e3) if ok else float("nan"),
+        "server_cpu_us_per_row": cpu_server / scored * 1e6 if server_procs else float("nan"),
+        "client_cpu_us_per_row": cpu_client / scored * 1e6,
+    }

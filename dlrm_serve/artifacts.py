@@ -1,9 +1,10 @@
-"""Artifacts: ``dlrm.safetensors`` (weights) plus ``dlrm.json`` (the config).
+"""Artifacts: the file names of an artifacts folder and its config reader.
 
-No pickle is read here.  Weights are stored in the layout the forward pass
-uses (one concatenated table), and :func:`load_model` memory-maps the file
-and hands its tensors to the model without copying, so every process that
-serves the same file shares one copy of the tables in the page cache.
+An artifacts folder holds ``dlrm.safetensors`` (weights), ``dlrm.json`` (the
+config) and, after training, ``metrics.json``.  This module imports no torch,
+so clients, the ONNX backend and anything that only reads a config stay
+numpy-only; the weights (written, mapped, checked) are in
+:mod:`dlrm_serve.weights`.
 """
 
 from __future__ import annotations
@@ -11,55 +12,51 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
-
-import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
 from .config import DLRMConfig
-from .errors import ArtifactError
-from .model import DLRM
+from .errors import ConfigError
 
 __all__ = [
     "WEIGHTS_FILE",
     "CONFIG_FILE",
     "METRICS_FILE",
+    "ConfigError",
+    "load_config",
+    "write_metrics",
+    # From dlrm_serve.weights, imported (with torch) on first use:
     "expected_shapes",
     "save_artifacts",
-    "load_config",
     "load_weights",
     "load_model",
     "check_artifacts",
-    "write_metrics",
 ]
 
 WEIGHTS_FILE = "dlrm.safetensors"
 CONFIG_FILE = "dlrm.json"
 METRICS_FILE = "metrics.json"
 
-
-def expected_shapes(config: DLRMConfig) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-    """Name -> (shape, dtype) of every tensor a model of ``config`` stores."""
-    with torch.device("meta"):
-        model = DLRM(config, init=False)
-    return {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items()}
+_WEIGHTS_NAMES = {"expected_shapes", "save_artifacts", "load_weights", "load_model", "check_artifacts"}
 
 
-def save_artifacts(model: DLRM, out_dir: str | os.PathLike, metrics: dict | None = None) -> Path:
-    """Write ``dlrm.safetensors`` and ``dlrm.json`` (and ``metrics.json``) into ``out_dir``."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    tmp = out / (WEIGHTS_FILE + ".tmp")
-    # One metadata key: safetensors orders several at random, and identical runs should give identical files.
-    save_file(tensors, str(tmp), metadata={"dlrm_serve_config": model.config.to_json()})
-    os.chmod(tmp, 0o644)  # safetensors writes 0600; servers may run as another user
-    os.replace(tmp, out / WEIGHTS_FILE)
-    model.config.save(out / CONFIG_FILE)
-    if metrics is not None:
-        write_metrics(out, metrics)
-    return out
+def load_config(path: str | os.PathLike) -> DLRMConfig:
+    """The config of an artifacts folder, or of a ``dlrm.json`` file.
+
+    The one reader of ``dlrm.json`` (training, data generation, clients,
+    backends).  Raises :class:`ConfigError`, naming the file, when it is
+    missing or is not a valid config.
+    """
+    p = Path(path)
+    if p.is_dir():
+        p = p / CONFIG_FILE
+    if not p.is_file():
+        raise ConfigError(
+            f"config file {str(p)!r} not found: an artifacts folder holds {CONFIG_FILE} and {WEIGHTS_FILE} "
+            "(run `dlrm-serve train --out DIR` or `dlrm-serve init --out DIR` to make one)"
+        )
+    try:
+        return DLRMConfig.load(p)
+    except (ValueError, TypeError) as e:  # bad JSON and bad UTF-8 are ValueErrors too
+        raise ConfigError(f"{p} is not a valid dlrm-serve config: {e}") from None
 
 
 def write_metrics(out_dir: str | os.PathLike, metrics: dict) -> None:
@@ -68,70 +65,11 @@ def write_metrics(out_dir: str | os.PathLike, metrics: dict) -> None:
         fh.write("\n")
 
 
-def load_config(artifacts_dir: str | os.PathLike) -> DLRMConfig:
-    path = Path(artifacts_dir) / CONFIG_FILE
-    if not path.is_file():
-        raise ArtifactError(
-            f"{path} not found: an artifacts folder holds {CONFIG_FILE} and {WEIGHTS_FILE} "
-            "(run `dlrm-serve train --out DIR` or `dlrm-serve init --out DIR` to make one)"
-        )
-    try:
-        return DLRMConfig.load(path)
-    except (ValueError, TypeError) as e:
-        raise ArtifactError(f"{path} is not a valid dlrm-serve config: {e}") from None
+def __getattr__(name: str):
+    # Callers that import the weight functions from here get them, and torch,
+    # only when they ask; reading a config never loads torch.
+    if name in _WEIGHTS_NAMES:
+        from . import weights
 
-
-def load_weights(artifacts_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The tensors of ``dlrm.safetensors``, memory-mapped (no copy)."""
-    path = Path(artifacts_dir) / WEIGHTS_FILE
-    if not path.is_file():
-        raise ArtifactError(f"{path} not found (the weights of the model described by {CONFIG_FILE})")
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as fh:
-            return {k: fh.get_tensor(k) for k in fh.keys()}
-    except Exception as e:  # safetensors raises its own error types
-        raise ArtifactError(f"{path} is not a readable safetensors file: {e}") from None
-
-
-def _compare(config: DLRMConfig, tensors: dict[str, Any]) -> list[str]:
-    problems = []
-    want = expected_shapes(config)
-    for name, (shape, dtype) in want.items():
-        if name not in tensors:
-            problems.append(f"missing tensor {name!r} (expected shape {list(shape)}, {dtype})")
-            continue
-        got = tensors[name]
-        if tuple(got.shape) != shape:
-            problems.append(f"tensor {name!r} has shape {list(got.shape)}, the config implies {list(shape)}")
-        elif got.dtype != dtype:
-            problems.append(f"tensor {name!r} has dtype {got.dtype}, the config implies {dtype}")
-    for name in sorted(set(tensors) - set(want)):
-        problems.append(f"unexpected tensor {name!r} (not part of the model the config describes)")
-    return problems
-
-
-def check_artifacts(artifacts_dir: str | os.PathLike) -> DLRMConfig:
-    """Raise :class:`ArtifactError` listing every mismatch between weights and config."""
-    config = load_config(artifacts_dir)
-    problems = _compare(config, load_weights(artifacts_dir))
-    if problems:
-        raise ArtifactError(
-            f"{Path(artifacts_dir)} is inconsistent:\n  - " + "\n  - ".join(problems)
-        )
-    return config
-
-
-def load_model(artifacts_dir: str | os.PathLike) -> DLRM:
-    """The model of ``artifacts_dir`` in eval mode, its tensors mapped from the file."""
-    config = load_config(artifacts_dir)
-    tensors = load_weights(artifacts_dir)
-    problems = _compare(config, tensors)
-    if problems:
-        raise ArtifactError(f"{Path(artifacts_dir)} is inconsistent:\n  - " + "\n  - ".join(problems))
-    model = DLRM(config, init=False)
-    # assign=True keeps the mapped tensors themselves instead of copying into fresh ones.
-    model.load_state_dict(tensors, strict=True, assign=True)
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model
+        return getattr(weights, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

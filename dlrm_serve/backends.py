@@ -54,7 +54,7 @@ class TorchBackend:
     ):
         import torch
 
-        from .artifacts import load_model
+        from .weights import load_model
 
         self._torch = torch
         if threads:

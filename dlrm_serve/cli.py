@@ -111,7 +111,7 @@ def _add_check(sub) -> None:
     p.add_argument("--artifacts", default="artifacts")
 
     def run(args):
-        from .artifacts import check_artifacts
+        from .weights import check_artifacts
 
         cfg = check_artifacts(args.artifacts)
         print(

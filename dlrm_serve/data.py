@@ -31,10 +31,13 @@ import numpy as np
 
 from .codecs import split_tsv
 from .config import DEMO_TABLE_SIZES, DLRMConfig, preset
-from .errors import ArtifactError, InvalidInput
+from .artifacts import load_config
+from .errors import InvalidInput
 from .features import FeatureBatch, FeatureEncoder
 
 __all__ = [
+    "detect_format",
+    "format_probabilities",
     "CHUNK_ROWS",
     "GENERATOR_VERSION",
     "CriteoChunk",
@@ -50,7 +53,6 @@ __all__ = [
     "vocab_sizes_for",
     "generate",
     "read_oracle",
-    "load_config_file",
     "generate_command",
 ]
 
@@ -86,6 +88,25 @@ def open_text(path: str | os.PathLike) -> TextIO:
     if p.endswith(".gz"):
         return io.TextIOWrapper(gzip.open(p, "rb"), encoding="utf-8", errors="replace", newline="\n")
     return open(p, encoding="utf-8", errors="replace", newline="\n")
+
+
+def detect_format(path: str | os.PathLike) -> str:
+    """``json`` (JSON lines) when the first non-blank character of ``path`` is ``{``,
+    else ``tsv`` (Criteo).  The one sniffer of ``dlrm-serve score`` and ``predict``."""
+    with open_text(path) as fh:
+        while True:
+            block = fh.read(4096)
+            if not block:
+                raise InvalidInput(f"{path} is empty: it holds no rows")
+            stripped = block.lstrip()
+            if stripped:
+                return "json" if stripped[0] == "{" else "tsv"
+
+
+def format_probabilities(probabilities: np.ndarray) -> str:
+    """One line per value, ``repr(float(p))``: the shortest text that reads back
+    as the same float32 (the output of ``dlrm-serve score`` and ``predict``)."""
+    return "".join(f"{p!r}\n" for p in np.asarray(probabilities, dtype=np.float32).tolist())
 
 
 def _numbered_lines(path: str) -> Iterator[tuple[int, str]]:
@@ -577,22 +598,11 @@ def read_oracle(path: str | os.PathLike, start: int = 0, stop: int | None = None
     return np.array(out, dtype=np.float64) if out else np.zeros(0)
 
 
-def load_config_file(path: str | os.PathLike) -> DLRMConfig:
-    """A ``dlrm.json`` as a :class:`DLRMConfig`, with errors that name the file."""
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"config file {str(path)!r} not found")
-    try:
-        return DLRMConfig.load(p)
-    except (ValueError, TypeError) as e:
-        raise ArtifactError(f"{p} is not a valid dlrm-serve config: {e}") from None
-
-
 def generate_command(args) -> None:
     """``dlrm-serve generate``: write synthetic Criteo TSV (and oracle probabilities)."""
     config = None
     if getattr(args, "config", None):
-        config = load_config_file(args.config)
+        config = load_config(args.config)
     model = generate(args.out, args.rows, args.seed, config=config, oracle=args.oracle, labelled=not args.no_label)
     print(
         f"wrote {args.rows} rows to {args.out} (seed {args.seed}, planted logit scale "

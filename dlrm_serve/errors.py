@@ -11,6 +11,7 @@ __all__ = [
     "DLRMServeError",
     "InvalidInput",
     "ArtifactError",
+    "ConfigError",
     "ServerError",
     "AuthError",
     "InternalError",
@@ -69,6 +70,11 @@ class ArtifactError(DLRMServeError, ValueError):
     """Artifacts (weights, config, checkpoints) that are missing or inconsistent."""
 
     status = 500
+
+
+class ConfigError(ArtifactError):
+    """A ``dlrm.json`` that is missing or is not a valid config (the one error of
+    :func:`dlrm_serve.artifacts.load_config`)."""
 
 
 class ServerError(DLRMServeError):

@@ -49,6 +49,7 @@ __all__ = [
     "FORBIDDEN_OPS",
     "META_CONFIG",
     "META_WEIGHTS",
+    "META_DATA",
     "META_GRAPH",
     "ExportResult",
     "build_graph",
@@ -84,6 +85,9 @@ FORBIDDEN_OPS = frozenset(
 
 META_CONFIG = "dlrm_serve.config"
 META_WEIGHTS = "dlrm_serve.weights"
+# The fingerprint of dlrm.onnx.data, so an archive without dlrm.safetensors
+# can still tell that its graphs and their tables belong together.
+META_DATA = "dlrm_serve.onnx_data"
 META_GRAPH = "dlrm_serve.graph"
 
 # The tables always go to the data file, and so does any other tensor this
@@ -124,15 +128,21 @@ def weights_fingerprint(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def source_problem(metadata: dict[str, str], config: DLRMConfig, weights: Path | None) -> str | None:
+def source_problem(
+    metadata: dict[str, str], config: DLRMConfig, weights: Path | None, data: Path | None = None
+) -> str | None:
     """Why a graph with ``metadata`` (its metadata_props) does not belong to
-    ``config`` and the weights file ``weights`` (skipped when None or
-    absent), or None when it does."""
+    ``config``, the weights file ``weights`` and its external data file
+    ``data`` (each skipped when None or absent; ``data`` also when the graph
+    predates the data fingerprint), or None when it does."""
     if metadata.get(META_CONFIG) != config_for_comparison(config):
         return "the ONNX graph was exported for another config than dlrm.json"
     if weights is not None and Path(weights).is_file():
         if metadata.get(META_WEIGHTS) != weights_fingerprint(weights):
             return f"the ONNX graph was exported from other weights than {Path(weights).name} (retrained since?)"
+    if data is not None and META_DATA in metadata and Path(data).is_file():
+        if metadata[META_DATA] != weights_fingerprint(data):
+            return f"{Path(data).name} is not the data the ONNX graph was exported with"
     return None
 
 
@@ -151,7 +161,7 @@ def onnx_problem(artifacts_dir: str | os.PathLike) -> str | None:
     weights = out / WEIGHTS_FILE
     for name in (ONNX_FILE, ONNX_ONE_ID_FILE):
         model = onnx.load(str(out / name), load_external_data=False)
-        problem = source_problem({p.key: p.value for p in model.metadata_props}, config, weights)
+        problem = source_problem({p.key: p.value for p in model.metadata_props}, config, weights, out / ONNX_DATA_FILE)
         if problem is not None:
             return f"{name}: {problem}"
     return None
@@ -441,7 +451,8 @@ def export_onnx(artifacts_dir: str | os.PathLike, opset: int = DEFAULT_OPSET) ->
     """
     import onnx
 
-    from .artifacts import CONFIG_FILE, WEIGHTS_FILE, load_model
+    from .artifacts import CONFIG_FILE, WEIGHTS_FILE
+    from .weights import load_model
 
     _check_opset(opset)
     out = Path(artifacts_dir)
@@ -460,9 +471,10 @@ def export_onnx(artifacts_dir: str | os.PathLike, opset: int = DEFAULT_OPSET) ->
                 else:
                     tensors[name] = arr
             external_bytes = fh.tell()
+        data_fingerprint = weights_fingerprint(tmp / ONNX_DATA_FILE)
         files, all_ops = [], set()
         for file_name, bags in ((ONNX_FILE, True), (ONNX_ONE_ID_FILE, False)):
-            proto = build_graph(config, tensors, bags=bags, opset=opset, metadata={META_WEIGHTS: fingerprint})
+            proto = build_graph(config, tensors, bags=bags, opset=opset, metadata={META_WEIGHTS: fingerprint, META_DATA: data_fingerprint})
             path = tmp / file_name
             onnx.save_model(proto, str(path))
             # A path (not the proto) so the checker also checks the external data references.

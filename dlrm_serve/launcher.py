@@ -13,7 +13,10 @@ two instances (or an instance and ``make serve``) never see each other.
 its Python workers) and is also registered with :mod:`atexit`, so a failing
 test run does not leave a server behind.
 
-Standard library only (plus psutil, a TorchServe dependency, when present).
+Management calls (register, scale, describe, unregister) go through the
+client (:class:`~dlrm_serve.client.Client` over REST), so there is
+one REST management client in the package.  Raw calls (``get``, ``call``,
+``predict``) use :func:`http_request`, which sends exactly the headers given.
 """
 
 from __future__ import annotations
@@ -33,6 +36,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
+from .client.core import Client
+from .client.keys import Keys
+from .client.transports import RestTransport, _bearer
 from .errors import DLRMServeError
 
 __all__ = [
@@ -164,10 +170,6 @@ def http_request(
         return Response(resp.status, resp.read(), dict(resp.getheaders()))
     finally:
         conn.close()
-
-
-def _bearer(key: str | None) -> dict[str, str]:
-    return {"Authorization": f"Bearer {key}"} if key else {}
 
 
 # Started servers, kept (strongly) until stopped, so that exit stops them all.
@@ -463,62 +465,42 @@ class TorchServe:
         return r.text
 
     # ----- management API --------------------------------------------------------
-    def _manage(self, method: str, path: str, query: Mapping[str, Any] | None = None, timeout: float = 60.0) -> Any:
-        q = {k: ("true" if v is True else "false" if v is False else v) for k, v in (query or {}).items() if v is not None}
-        url = f"{self.management_url}{path}" + (f"?{urllib.parse.urlencode(q)}" if q else "")
-        r = self.call(method, url, key="management", timeout=timeout)
-        if r.status >= 300:
-            raise LaunchError(f"{method} {path} answered {r.status}: {r.text.strip()[:500]}", status=r.status)
-        try:
-            return r.json()
-        except ValueError:
-            return r.text
+    def management_client(self, timeout: float = 60.0) -> Client:
+        """A REST :class:`~dlrm_serve.client.Client` for this server's management
+        API, holding its keys (the package's one management client)."""
+        keys = Keys(management=self.keys.get("management"))
+        transport = RestTransport(self.inference_url, self.management_url, management_timeout=timeout, pool_size=1)
+        # No retries and no key renewal (which would replace the key this
+        # launcher holds): a failing management call is reported at once.
+        return Client(transport, keys=keys, retries=0)
 
-    def register(
-        self,
-        url: str,
-        model_name: str | None = None,
-        *,
-        batch_size: int | None = None,
-        max_batch_delay: int | None = None,
-        initial_workers: int | None = None,
-        response_timeout: int | None = None,
-        synchronous: bool = True,
-        timeout: float = 180.0,
-    ) -> Any:
-        """Register an archive (a name in the model store) and wait for its workers."""
-        return self._manage(
-            "POST",
-            "/models",
-            dict(
-                url=url,
-                model_name=model_name,
-                batch_size=batch_size,
-                max_batch_delay=max_batch_delay,
-                initial_workers=initial_workers,
-                response_timeout=response_timeout,
-                synchronous=synchronous,
-            ),
-            timeout=timeout,
-        )
+    def _manage(self, op: str, what: str, *args, timeout: float = 60.0, **kwargs) -> Any:
+        """``Client.<op>(...)``; the client's errors become :class:`LaunchError`."""
+        with self.management_client(timeout) as client:
+            try:
+                return getattr(client, op)(*args, **kwargs)
+            except DLRMServeError as e:
+                raise LaunchError(f"{what}: {e.message}", status=e.status) from None
+
+    def register(self, url: str, model_name: str | None = None, *, timeout: float = 180.0, **params: Any) -> Any:
+        """Register an archive (a name in the model store) and wait for its workers.
+
+        ``params``: those of :meth:`Client.register_model <dlrm_serve.client.Client.register_model>`
+        (``batch_size``, ``max_batch_delay``, ``initial_workers``, ...).
+        """
+        return self._manage("register_model", f"registering {url}", url, model_name, timeout=timeout, **params)
 
     def unregister(self, model_name: str, version: str | None = None, timeout: float = 60.0) -> Any:
-        path = f"/models/{model_name}" + (f"/{version}" if version else "")
-        return self._manage("DELETE", path, timeout=timeout)
+        return self._manage("unregister_model", f"unregistering {model_name}", model_name, version, timeout=timeout)
 
     def scale(self, model_name: str, min_worker: int, max_worker: int | None = None, timeout: float = 120.0) -> Any:
-        return self._manage(
-            "PUT",
-            f"/models/{model_name}",
-            dict(min_worker=min_worker, max_worker=max_worker, synchronous=True),
-            timeout=timeout,
-        )
+        return self._manage("scale_workers", f"scaling {model_name}", model_name, min_worker, max_worker, timeout=timeout)
 
     def describe(self, model_name: str) -> list[dict]:
-        return self._manage("GET", f"/models/{model_name}")
+        return self._manage("describe_model", f"describing {model_name}", model_name)
 
     def models(self) -> list[str]:
-        return [m["modelName"] for m in self._manage("GET", "/models", {"limit": 1000})["models"]]
+        return [m["modelName"] for m in self._manage("list_models", "listing models", 1000)]
 
     def worker_pids(self, model_name: str) -> list[int]:
         return sorted(int(w["pid"]) for d in self.describe(model_name) for w in d.get("workers", []) if w.get("pid"))

@@ -443,11 +443,14 @@ class OnnxBackend:
 
     def _check_source(self, check_weights: bool) -> None:
         """The graphs must come from this config (and these weights, when they are here)."""
+        # An ONNX archive carries no dlrm.safetensors: then the data file's
+        # fingerprint (recorded at export) is what ties tables to graphs.
         weights = self.artifacts_dir / WEIGHTS_FILE if check_weights else None
+        data = self.artifacts_dir / ONNX_DATA_FILE if check_weights else None
         for session in (self._whole.bags, self._whole.one_id):
             if session is None:
                 continue
-            problem = source_problem(session.get_modelmeta().custom_metadata_map, self.config, weights)
+            problem = source_problem(session.get_modelmeta().custom_metadata_map, self.config, weights, data)
             if problem is not None:
                 raise ArtifactError(
                     f"{problem}: re-export with `dlrm-serve export-onnx --artifacts {self.artifacts_dir}`"

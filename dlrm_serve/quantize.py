@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .artifacts import load_model, save_artifacts
+from .weights import load_model, save_artifacts
 from .config import DLRMConfig
 from .model import DLRM
 

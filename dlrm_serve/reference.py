@@ -35,7 +35,7 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-from .artifacts import check_artifacts, save_artifacts
+from .weights import check_artifacts, save_artifacts
 from .config import CRITEO_DENSE, CRITEO_SPARSE, DLRMConfig
 from .errors import ArtifactError
 from .model import DLRM

@@ -19,26 +19,14 @@ import os
 from pathlib import Path
 from typing import Iterator
 
-import numpy as np
 
 from .backends import load_backend
-from .data import CHUNK_ROWS, check_files, encode_chunk, locate, open_text, read_criteo
+from .data import CHUNK_ROWS, check_files, detect_format, encode_chunk, format_probabilities, locate, open_text, read_criteo
 from .errors import InvalidInput
 from .features import FeatureBatch, FeatureEncoder
 
+# detect_format and format_probabilities live in dlrm_serve.data (shared with `dlrm-serve predict`).
 __all__ = ["detect_format", "iter_batches", "format_probabilities", "score_file", "score_command"]
-
-
-def detect_format(path: str | os.PathLike) -> str:
-    """``json`` when the first non-blank character of ``path`` is ``{``, else ``tsv``."""
-    with open_text(path) as fh:
-        while True:
-            block = fh.read(4096)
-            if not block:
-                raise InvalidInput(f"{path} is empty: nothing to score")
-            stripped = block.lstrip()
-            if stripped:
-                return "json" if stripped[0] == "{" else "tsv"
 
 
 def _json_batches(path: str, encoder: FeatureEncoder, batch_rows: int) -> Iterator[FeatureBatch]:
@@ -89,11 +77,6 @@ def iter_batches(
             yield encode_chunk(encoder, chunk)
     else:
         raise ValueError(f"unknown input format {fmt!r}; use 'json' or 'tsv'")
-
-
-def format_probabilities(probabilities: np.ndarray) -> str:
-    """One line per value: the shortest text that reads back as the same float32."""
-    return "".join(repr(float(p)) + "\n" for p in np.asarray(probabilities, dtype=np.float32))
 
 
 def score_file(

@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 
 from . import data as data_mod
-from .artifacts import METRICS_FILE, save_artifacts
+from .artifacts import METRICS_FILE, load_config
+from .weights import save_artifacts
 from .config import DLRMConfig, preset
 from .evaluation import log_loss, roc_auc
 from .features import FeatureBatch, FeatureEncoder
@@ -74,7 +75,7 @@ DEFAULT_THREADS = 1
 MEMORY_ROWS = 2_000_000
 EVAL_BATCH = 16384
 # Optimizers that take sparse gradients: a step costs O(rows touched), not O(table).
-TABLE_OPTIMIZERS = {"adagrad": torch.optim.Adagrad, "sparseadam": torch.optim.SparseAdam}
+TABLE_OPTIMIZERS = ("adagrad",)
 
 
 @dataclass
@@ -258,7 +259,7 @@ def synthetic_data(
 
 
 def _config(options: TrainOptions) -> DLRMConfig:
-    config = data_mod.load_config_file(options.config) if options.config else preset(options.preset)
+    config = load_config(options.config) if options.config else preset(options.preset)
     if config.table_dtype != "float32":
         raise ValueError(
             f"cannot train a model with {config.table_dtype} tables; train float32 and quantise afterwards"
@@ -431,10 +432,7 @@ def make_optimizers(model: DLRM, options: TrainOptions) -> list[torch.optim.Opti
     """A sparse optimizer for the table (its step touches only the batch's rows) and Adam for the MLPs."""
     table = [model.sparse_arch.weight]
     rest = [p for n, p in model.named_parameters() if n != "sparse_arch.weight"]
-    if options.table_optimizer == "adagrad":
-        table_opt = torch.optim.Adagrad(table, lr=options.table_lr, initial_accumulator_value=options.table_accumulator)
-    else:
-        table_opt = TABLE_OPTIMIZERS[options.table_optimizer](table, lr=options.table_lr)
+    table_opt = torch.optim.Adagrad(table, lr=options.table_lr, initial_accumulator_value=options.table_accumulator)
     return [
         table_opt,
         torch.optim.Adam(rest, lr=options.lr),

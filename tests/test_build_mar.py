@@ -15,6 +15,8 @@ import yaml
 
 from conftest import ROOT, build_archive
 
+from dlrm_serve.packaging import serving_modules
+
 SCRIPT = ROOT / "build_mar.sh"
 
 
@@ -85,8 +87,12 @@ def test_onnxruntime_needs_and_ships_the_onnx_file(tmp_path, demo_artifacts):
     build_archive(art, tmp_path, "--backend", "onnxruntime")
     with zipfile.ZipFile(tmp_path / "dlrm_onnx.mar") as z:
         names = set(z.namelist())
+        manifest = json.loads(z.read("MAR-INF/MANIFEST.json"))
         settings = yaml.safe_load(z.read("model-config.yaml"))
-    assert {"dlrm.onnx", "dlrm.onnx.data", "dlrm.json", "dlrm.safetensors"} <= names
+    assert {"dlrm.onnx", "dlrm.onnx.data", "dlrm.json"} <= names
+    # The tables are in dlrm.onnx.data: no second copy of them as safetensors.
+    assert "dlrm.safetensors" not in names
+    assert manifest["model"]["serializedFile"] == "dlrm.onnx"
     assert settings["dlrm"]["backend"] == "onnxruntime"
 
 
@@ -98,6 +104,12 @@ def test_archive_contents_and_settings(model_store):
     assert {"dlrm_handler.py", "dlrm.json", "dlrm.safetensors", "model-config.yaml"} <= names
     for module in ["__init__", "backends", "serving", "codecs", "features", "config", "errors", "artifacts", "model"]:
         assert f"dlrm_serve/{module}.py" in names
+    # Only what the handler imports: exactly the closure, and none of the tools.
+    package = {n for n in names if n.startswith("dlrm_serve/")}
+    assert package == set(serving_modules(ROOT / "handler" / "dlrm_handler.py", ROOT))
+    for tool in ["launcher", "train", "reference", "cli", "data", "score", "quantize", "packaging"]:
+        assert f"dlrm_serve/{tool}.py" not in names
+    assert not [n for n in names if n.startswith("dlrm_serve/client/")]
     assert not [n for n in names if "__pycache__" in n or n.endswith(".pyc") or "_proto" in n]
     assert manifest["model"]["modelName"] == "dlrm" and manifest["model"]["handler"] == "dlrm_handler.py"
     assert manifest["model"]["serializedFile"] == "dlrm.safetensors"

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from dlrm_serve import protos
-from dlrm_serve.client import Keys, connect
+from dlrm_serve.client import Keys, Payload, connect
 from dlrm_serve.errors import AuthError, InvalidInput, ServerError
 
 pytestmark = pytest.mark.integration
@@ -157,7 +157,7 @@ def test_bad_input_raises_the_same_error_over_both_transports(torchserve, make_r
             assert e.value.status == 400
             messages[transport] = e.value.message
             with pytest.raises(InvalidInput) as e:
-                c.predict_body(b"DLRM\x01\x00\x00\x00garbage", format="binary")
+                c.send(Payload(b"DLRM\x01\x00\x00\x00garbage", "binary", 1))
             assert "binary body" in e.value.message
         with make_client(torchserve, transport, model="no_such_model") as c:
             with pytest.raises(ServerError) as e:

@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import textwrap
 
 import numpy as np
 import onnx
@@ -254,14 +255,36 @@ def test_describe_names_the_provider_in_use(dot_artifacts):
     assert OnnxBackend(dot_artifacts, threads=1, one_id_graph=False).describe()["graphs"] == [ONNX_FILE]
 
 
+# What onnxruntime itself does when asked for CUDA first, in a separate process
+# (so its load errors do not reach capfd): the truth the probe must agree with.
+ORT_CUDA_TRUTH = textwrap.dedent(
+    """
+    import numpy as np, onnxruntime as ort
+    from dlrm_serve.onnx_backend import _PROBE_MODEL
+    try:
+        s = ort.InferenceSession(_PROBE_MODEL, providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+        s.run(None, {"x": np.array([1.0], np.float32)})
+        print(s.get_providers()[0])
+    except Exception:
+        print("CPUExecutionProvider")
+    """
+)
+
+
 def test_cuda_is_asked_for_only_where_it_loads(dot_artifacts, capfd):
+    truth = subprocess.run(
+        [sys.executable, "-c", ORT_CUDA_TRUTH], capture_output=True, text=True, check=True
+    ).stdout.strip().splitlines()[-1]
+    capfd.readouterr()
     cuda_provider_usable.cache_clear()
     usable = cuda_provider_usable()
     backend = OnnxBackend(dot_artifacts, threads=1, device="auto")
     out, err = capfd.readouterr()
     # The probe and an automatic choice are silent, whatever the machine has.
     assert out == "" and err == ""
-    assert backend.describe()["provider"] == ("CUDAExecutionProvider" if usable else "CPUExecutionProvider")
+    # Checked against onnxruntime's own answer, not against the probe that chose.
+    assert usable == (truth == "CUDAExecutionProvider")
+    assert backend.describe()["provider"] == truth
     if not usable:
         with pytest.raises(ValueError, match="CUDA provider does not load"):
             OnnxBackend(dot_artifacts, device="cuda")
@@ -348,6 +371,22 @@ def test_graphs_from_other_weights_or_config_are_refused(tmp_path):
     (path / CONFIG_FILE).write_text(json.dumps(cfg))
     with pytest.raises(ArtifactError, match="another config"):
         OnnxBackend(path, threads=1)
+
+
+def test_without_safetensors_the_data_fingerprint_ties_tables_to_graphs(tmp_path):
+    """An ONNX archive ships no dlrm.safetensors: graphs and dlrm.onnx.data must still match."""
+    a = make_artifacts(tmp_path / "a", BASE, seed=0)
+    b = make_artifacts(tmp_path / "b", BASE, seed=1)
+    served = tmp_path / "served"
+    served.mkdir()
+    for name in (CONFIG_FILE, ONNX_FILE, ONNX_ONE_ID_FILE, ONNX_DATA_FILE):
+        shutil.copy(a / name, served / name)
+    backend = OnnxBackend(served, threads=1)
+    batch = random_batch(BASE, 32, np.random.default_rng(0), multi_hot=False)
+    assert np.abs(backend.predict(batch) - load_backend(a, "torch").predict(batch)).max() <= TOL
+    shutil.copy(b / ONNX_DATA_FILE, served / ONNX_DATA_FILE)  # other tables, same graphs
+    with pytest.raises(ArtifactError, match="not the data the ONNX graph was exported with"):
+        OnnxBackend(served, threads=1)
 
 
 def test_export_if_needed_reexports_only_stale_graphs(tmp_path, capsys):

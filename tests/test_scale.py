@@ -16,17 +16,8 @@ import pytest
 
 from dlrm_serve.artifacts import WEIGHTS_FILE, load_model
 from dlrm_serve.backends import load_backend
-from dlrm_serve.memory import (
-    PAGE_SIZE,
-    file_usage,
-    mapped_file,
-    process_memory,
-    rollup,
-    torchserve_workers,
-    touch_mapped_file,
-    touch_pages,
-    touch_tables,
-)
+from dlrm_serve.memory import PAGE_SIZE, touch_mapped_file, touch_pages, touch_tables
+from dlrm_serve.procmem import file_usage, mapped_file, process_memory, rollup, torchserve_workers
 from dlrm_serve.quantize import quantize_artifacts
 
 from conftest import build_archive

@@ -14,7 +14,7 @@ from dlrm_serve import cli
 from dlrm_serve.artifacts import check_artifacts, load_model, load_weights
 from dlrm_serve.config import DLRMConfig
 from dlrm_serve.data import generate
-from dlrm_serve.errors import ArtifactError, InvalidInput
+from dlrm_serve.errors import ConfigError, InvalidInput
 from dlrm_serve.evaluation import average_ranks, log_loss, roc_auc
 from dlrm_serve.train import (
     Rows,
@@ -161,10 +161,10 @@ def test_streamed_training_on_user_files(tmp_path, small_config):
 def test_training_data_errors(tmp_path, small_config):
     with pytest.raises(FileNotFoundError, match="training data file .*missing.tsv"):
         train(TrainOptions(out=str(tmp_path / "a"), data=[str(tmp_path / "missing.tsv")], config=small_config), log=_quiet)
-    with pytest.raises(FileNotFoundError, match="config file"):
+    with pytest.raises(ConfigError, match="config file .*nope.json.* not found"):
         train(TrainOptions(out=str(tmp_path / "a"), config=str(tmp_path / "nope.json")), log=_quiet)
     (tmp_path / "bad.json").write_text(json.dumps({"table_sizes": [10], "embedding_dim": 3}))
-    with pytest.raises(ArtifactError, match=r"bad\.json is not a valid dlrm-serve config: table_sizes has 1 entries"):
+    with pytest.raises(ConfigError, match=r"bad\.json is not a valid dlrm-serve config: table_sizes has 1 entries"):
         train(TrainOptions(out=str(tmp_path / "a"), config=str(tmp_path / "bad.json")), log=_quiet)
     unlabelled = tmp_path / "u.tsv"
     generate(unlabelled, 100, config=SMALL, labelled=False, progress=False)

@@ -16,7 +16,7 @@ numpy, grpcio/protobuf (gRPC) and requests (REST) are all it needs; no torch.
 """
 
 from ..errors import AuthError, DLRMServeError, InvalidInput, ServerError
-from .core import DEFAULT_CONCURRENCY, DEFAULT_ROWS_PER_REQUEST, Client, connect, load_client_config, ordered_map
+from .core import DEFAULT_CONCURRENCY, DEFAULT_ROWS_PER_REQUEST, Client, connect, ordered_map
 from .files import PredictStats, predict_file
 from .keys import ENV_KEY_FILE, ENV_KEYS, Keys
 from .payloads import FORMATS, Payload, parse_predictions
@@ -25,7 +25,6 @@ from .transports import GrpcTransport, RestTransport
 __all__ = [
     "Client",
     "connect",
-    "load_client_config",
     "ordered_map",
     "Keys",
     "ENV_KEYS",

@@ -25,11 +25,11 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
+from ..artifacts import load_config
 from ..config import DLRMConfig
 from ..errors import AuthError, DLRMServeError, InvalidInput, ServerError
 from ..features import FeatureEncoder
@@ -38,26 +38,11 @@ from .keys import Keys
 from .payloads import Payload
 from .transports import DEFAULT_MAX_MESSAGE_BYTES, GrpcTransport, RestTransport, fetch_token
 
-__all__ = ["Client", "connect", "load_client_config", "ordered_map", "DEFAULT_ROWS_PER_REQUEST", "DEFAULT_CONCURRENCY"]
+__all__ = ["Client", "connect", "ordered_map", "DEFAULT_ROWS_PER_REQUEST", "DEFAULT_CONCURRENCY"]
 
 DEFAULT_ROWS_PER_REQUEST = 1024
 DEFAULT_CONCURRENCY = 4
 LOOPBACK = "127.0.0.1"
-
-
-def load_client_config(config: DLRMConfig | str | os.PathLike | None) -> DLRMConfig | None:
-    """A config from a :class:`DLRMConfig`, an artifacts folder or a ``dlrm.json`` (torch-free)."""
-    if config is None or isinstance(config, DLRMConfig):
-        return config
-    path = Path(config)
-    if path.is_dir():
-        path = path / "dlrm.json"
-    if not path.is_file():
-        raise ValueError(f"config {str(config)!r}: no dlrm.json there (pass an artifacts folder or a dlrm.json)")
-    try:
-        return DLRMConfig.load(path)
-    except (ValueError, TypeError) as e:
-        raise ValueError(f"{path} is not a valid dlrm-serve config: {e}") from None
 
 
 def ordered_map(fn: Callable[[Any], Any], items: Iterable[Any], concurrency: int) -> Iterator[Any]:
@@ -137,7 +122,7 @@ class Client:
         self.transport = transport
         self.model = model
         self.version = version
-        self.config = load_client_config(config)
+        self.config = config if config is None or isinstance(config, DLRMConfig) else load_config(config)
         self.encoder = FeatureEncoder(self.config) if self.config is not None else None
         if payload == "binary" and self.config is None:
             raise ValueError("the binary payload needs the model's config (config= or --config: a DLRMConfig, an artifacts folder or a dlrm.json)")
@@ -258,14 +243,6 @@ class Client:
     def send(self, payload: Payload) -> np.ndarray:
         """One request (retried, token renewed) -> float32 probabilities."""
         return self._predict_once(payload, payload.rows)
-
-    def predict_body(self, body: bytes, rows: int | None = None, format: str = "json") -> np.ndarray:
-        """Send an already-encoded body as one request.
-
-        ``rows`` is the number of rows it holds (checked against the answer);
-        None accepts any count.  ``format`` sets the REST content type.
-        """
-        return self._predict_once(Payload(bytes(body), format, 0 if rows is None else rows), rows)
 
     def _chunk_job(self, kind: str, fmt: str, total_chunks: int):
         def job(item: tuple[int, Any]) -> np.ndarray:

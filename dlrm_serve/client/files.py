@@ -24,13 +24,13 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from ..codecs import encode_binary
-from ..data import at_line, check_files, open_text, read_criteo
+from ..data import at_line, check_files, detect_format, format_probabilities, open_text, read_criteo
 from ..errors import DLRMServeError, InvalidInput
 from . import payloads
 from .core import Client
 from .payloads import Payload
 
-__all__ = ["PredictStats", "sniff_file", "predict_file", "write_probabilities"]
+__all__ = ["PredictStats", "predict_file"]
 
 _INSTANCE = re.compile(r"^instance (\d+)(.*)$", re.S)
 
@@ -47,21 +47,6 @@ class PredictStats:
     @property
     def rows_per_s(self) -> float:
         return self.rows / self.seconds if self.seconds > 0 else float("inf")
-
-
-def sniff_file(path: str | os.PathLike) -> str:
-    """``jsonl`` when the first non-blank character is ``{``, else ``tsv``."""
-    with open_text(path) as fh:
-        for line in fh:
-            text = line.strip()
-            if text:
-                return "jsonl" if text.startswith("{") else "tsv"
-    raise InvalidInput(f"{path} holds no rows")
-
-
-def write_probabilities(fh, probs: np.ndarray) -> None:
-    """One ``repr(float(p))`` per line (``tolist`` gives the same Python floats)."""
-    fh.write("".join(f"{p!r}\n" for p in np.asarray(probs, dtype=np.float32).tolist()))
 
 
 @dataclass
@@ -138,7 +123,7 @@ def _jobs(client: Client, path: str, kind: str, fmt: str) -> tuple[Iterator[Call
             where.append(group.numbers)
 
             def make(group=group) -> Payload:
-                if kind == "jsonl":
+                if kind == "json":
                     rows, rows_kind = _jsonl_instances(group, path), "instances"
                 else:
                     rows, rows_kind = group.texts, "lines"
@@ -164,11 +149,11 @@ def predict_file(
 ) -> PredictStats:
     """Score every row of ``input_path`` through ``client``; write ``out_path``."""
     path = check_files([input_path], "input")[0]
-    kind = sniff_file(path)
-    fmt = payload or client.payload or payloads.default_format("instances" if kind == "jsonl" else "lines", client.config)
+    kind = detect_format(path)
+    fmt = payload or client.payload or payloads.default_format("instances" if kind == "json" else "lines", client.config)
     if fmt == "binary" and client.encoder is None:
         raise ValueError("the binary payload needs the model's config: pass --config ARTIFACTS_DIR (or dlrm.json)")
-    if fmt == "tsv" and kind == "jsonl":
+    if fmt == "tsv" and kind == "json":
         raise ValueError("a JSON-lines file cannot be sent as tsv; use --payload json or binary")
     jobs, where = _jobs(client, path, kind, fmt)
 
@@ -187,7 +172,7 @@ def predict_file(
     try:
         with open(part, "w", encoding="utf-8") as fh:
             for probs in client.predict_stream(jobs, on_error=on_error):
-                write_probabilities(fh, probs)
+                fh.write(format_probabilities(probs))
                 rows += len(probs)
                 requests += 1
                 bar.update(len(probs))
