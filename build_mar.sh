@@ -149,6 +149,8 @@ trap 'rm -rf "$STAGE"' EXIT
 mkdir -p "$STAGE/lib"
 cp -R dlrm_serve "$STAGE/lib/dlrm_serve"
 find "$STAGE/lib" \( -name __pycache__ -o -name _proto \) -prune -exec rm -rf {} +
+# The KServe predictor is not used inside TorchServe (and needs kserve).
+rm -f "$STAGE/lib/dlrm_serve/kserve_server.py"
 EXTRA+=("$STAGE/lib")
 
 cat > "$STAGE/model-config.yaml" <<EOF

@@ -189,8 +189,10 @@ def tensors_of_kserve(inputs: Sequence[Any]) -> list[Tensor]:
     """kserve ``InferInput`` objects -> tensors (binary data as numpy, the rest as lists)."""
     out = []
     for inp in inputs:
-        # kserve keeps binary (raw) tensor data aside: data is None, as_numpy() decodes it.
-        data = inp.as_numpy() if inp.data is None else inp.data
+        # kserve keeps binary (raw) tensor data aside in _raw_data (from REST's
+        # binary extension or gRPC's raw_input_contents); as_numpy() decodes it.
+        binary = getattr(inp, "_raw_data", None) is not None or inp.data is None
+        data = inp.as_numpy() if binary else inp.data
         out.append(Tensor(inp.name, inp.datatype, list(inp.shape), data))
     return out
 
