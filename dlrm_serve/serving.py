@@ -170,6 +170,20 @@ def content_type_of(key: str | None, context, idx: int) -> str | None:
     return value if isinstance(value, str) and value else None
 
 
+def _is_enveloped_json(item: dict) -> bool:
+    """Whether ``item`` is a decoded JSON body itself, not TorchServe's map of inputs.
+
+    TorchServe's ``body`` request envelope (set with TS_SERVICE_ENVELOPE=body on
+    KServe's TorchServe runtime, see docs/kserve.md) hands the handler each
+    request's payload instead of the map of inputs.  A map of inputs holds
+    ``body``/``data`` or bytes; a JSON body holds ``instances``, ``inputs`` or
+    ``dense``/``sparse`` as lists.
+    """
+    if any(k in item for k in BODY_KEYS):
+        return False
+    return any(isinstance(item.get(k), list) for k in ("instances", "inputs", "dense", "sparse"))
+
+
 def request_of(item, context, idx: int) -> Request:
     """One item of TorchServe's ``data`` list as a library request.
 
@@ -182,6 +196,8 @@ def request_of(item, context, idx: int) -> Request:
     grpc = context is not None and explain_header is None
     if not isinstance(item, dict):
         return Request(item, None, explain, grpc)
+    if _is_enveloped_json(item):
+        return Request(item, JSON_TYPE, explain, grpc)
     if not item:
         # TorchServe parses form bodies (curl -d sends one) into fields and
         # drops a TSV line or binary data that does not look like a=b.
