@@ -19,8 +19,9 @@ Decoding is the library's: v1 bodies go through
 handler, with the same error messages (HTTP 400 ``{"error": ...}``, gRPC
 INVALID_ARGUMENT).
 
-kserve is imported only here (``pip install dlrm-serve[kserve]``); the
-TorchServe path never imports this module.  The servers bind to
+kserve is imported only here, when this module is imported (``pip install
+'dlrm-serve[kserve]'``); the TorchServe path never imports this module and the
+model archive leaves it out.  The servers bind to
 ``--host`` (default 127.0.0.1): kserve 0.21 itself always binds every
 interface, so :func:`serve` narrows its REST and gRPC servers to the host.
 It also reads an infer body sent without Content-Type as JSON, as
@@ -29,8 +30,9 @@ tritonclient.http sends it (see :class:`_JSONByDefault`).
 
 from __future__ import annotations
 
-import functools
 import sys
+import threading
+from concurrent import futures
 from typing import Any
 
 from .backends import load_backend
@@ -43,7 +45,7 @@ __all__ = ["DLRMModel", "serve", "main_args"]
 LOOPBACK = "127.0.0.1"
 
 
-def _kserve():
+def _import_kserve():
     """Import kserve with a bare argv: kserve.model_server parses sys.argv when imported."""
     saved = sys.argv
     sys.argv = saved[:1]
@@ -59,127 +61,109 @@ def _kserve():
     return kserve
 
 
-@functools.lru_cache(maxsize=None)
-def _model_class():
-    kserve = _kserve()
-    from kserve.errors import InvalidInput as KServeInvalidInput
-    from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
+kserve = _import_kserve()
 
-    from . import oip
+import kserve.model_server as _model_server  # noqa: E402
+import kserve.protocol.rest.multiprocess.server as _multiprocess  # noqa: E402
+from grpc import aio  # noqa: E402
+from kserve.errors import InvalidInput as KServeInvalidInput  # noqa: E402
+from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc  # noqa: E402
+from kserve.protocol.grpc.interceptors import ExceptionToStatusInterceptor, LoggingInterceptor  # noqa: E402
+from kserve.protocol.grpc.server import GRPCServer  # noqa: E402
+from kserve.protocol.grpc.servicer import InferenceServicer  # noqa: E402
+from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse  # noqa: E402
+from kserve.protocol.rest.server import RESTServer  # noqa: E402
 
-    class DLRMModel(kserve.Model):
-        """DLRM behind kserve: v1 instances and v2 tensors, one backend."""
-
-        def __init__(self, name: str, artifacts: str, backend: str = "torch", threads: int = 0, max_rows: int = MAX_ROWS):
-            super().__init__(name)
-            self.artifacts = artifacts
-            self.backend_kind = backend
-            self.threads = threads
-            self.max_rows = max_rows
-            self.version = "1"
-            self.backend = None
-            self.encoder: FeatureEncoder | None = None
-
-        def load(self) -> bool:
-            self.backend = load_backend(self.artifacts, self.backend_kind, threads=self.threads or None)
-            self.encoder = FeatureEncoder(self.backend.config)
-            self.ready = True
-            return self.ready
-
-        def get_input_types(self) -> list:
-            return oip.metadata(self.encoder, self.name)["inputs"]
-
-        def get_output_types(self) -> list:
-            return oip.metadata(self.encoder, self.name)["outputs"]
-
-        def predict(self, payload: Any, headers: dict | None = None, response_headers: dict | None = None):
-            try:
-                if isinstance(payload, InferRequest):
-                    return self._infer(payload)
-                batch = decode_request(payload, "application/json", self.encoder, self.max_rows)
-                return predictions_body(self.backend.predict(batch))
-            except DLRMServeError as e:
-                if e.status >= 500:
-                    raise
-                # kserve answers its InvalidInput with 400 {"error": ...} (gRPC: INVALID_ARGUMENT).
-                raise KServeInvalidInput(e.message) from None
-
-        def _infer(self, request: InferRequest) -> InferResponse:
-            for out in request.request_outputs or []:
-                if out.name != oip.OUTPUT:
-                    raise KServeInvalidInput(f"unknown output {out.name!r}: this model has one output, '{oip.OUTPUT}'")
-            raw = oip.raw_batch(oip.tensors_of_kserve(request.inputs), self.encoder, self.max_rows)
-            probs = self.backend.predict(self.encoder.finish(raw))
-            # A list, not an array: kserve 0.21's to_grpc tests the data's truth value.
-            output = InferOutput(name=oip.OUTPUT, shape=[int(probs.shape[0])], datatype="FP32", data=probs.tolist())
-            return InferResponse(
-                response_id=request.id or "",
-                model_name=self.name,
-                model_version=self.version,
-                infer_outputs=[output],
-                use_binary_outputs=request.use_binary_outputs,
-                requested_outputs=request.request_outputs,
-            )
-
-    return DLRMModel
+from . import oip  # noqa: E402
 
 
-def __getattr__(name: str):
-    # DLRMModel subclasses kserve.Model, so it exists only once kserve is imported.
-    if name == "DLRMModel":
-        return _model_class()
-    raise AttributeError(name)
+class DLRMModel(kserve.Model):
+    """DLRM behind kserve: v1 instances and v2 tensors, one backend.
+
+    Pickled (kserve's REST worker processes are spawned with the model
+    registry), it carries only its settings and loads the artifacts again in
+    the worker.
+    """
+
+    def __init__(self, name: str, artifacts: str, backend: str = "torch", threads: int = 0, max_rows: int = MAX_ROWS):
+        super().__init__(name)
+        self.artifacts = artifacts
+        self.backend_kind = backend
+        self.threads = threads
+        self.max_rows = max_rows
+        self.version = "1"
+        self.backend = None
+        self.encoder: FeatureEncoder | None = None
+
+    def load(self) -> bool:
+        self.backend = load_backend(self.artifacts, self.backend_kind, threads=self.threads or None)
+        self.encoder = FeatureEncoder(self.backend.config)
+        self.ready = True
+        return self.ready
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state.update(backend=None, encoder=None)
+        state.pop("_loading", None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        # In a spawned REST worker.  kserve kills a worker that does not answer
+        # its parent's ping within 5 s, so the artifacts load in the background
+        # and the first requests wait for them.
+        self.__dict__.update(state)
+        self._loading = threading.Thread(target=self.load, name="dlrm-load", daemon=True)
+        self._loading.start()
+
+    def _loaded(self) -> None:
+        loading = getattr(self, "_loading", None)
+        if self.backend is None and loading is not None:
+            loading.join()
+        if self.backend is None:
+            raise DLRMServeError(f"the model could not be loaded from {self.artifacts}", status=503)
+
+    def get_input_types(self) -> list:
+        self._loaded()
+        return oip.metadata(self.encoder, self.name)["inputs"]
+
+    def get_output_types(self) -> list:
+        self._loaded()
+        return oip.metadata(self.encoder, self.name)["outputs"]
+
+    def predict(self, payload: Any, headers: dict | None = None, response_headers: dict | None = None):
+        self._loaded()
+        try:
+            if isinstance(payload, InferRequest):
+                return self._infer(payload)
+            batch = decode_request(payload, "application/json", self.encoder, self.max_rows)
+            return predictions_body(self.backend.predict(batch))
+        except DLRMServeError as e:
+            if e.status >= 500:
+                raise
+            # kserve answers its InvalidInput with 400 {"error": ...} (gRPC: INVALID_ARGUMENT).
+            raise KServeInvalidInput(e.message) from None
+
+    def _infer(self, request: InferRequest) -> InferResponse:
+        for out in request.request_outputs or []:
+            if out.name != oip.OUTPUT:
+                raise KServeInvalidInput(f"unknown output {out.name!r}: this model has one output, '{oip.OUTPUT}'")
+        raw = oip.raw_batch(oip.tensors_of_kserve(request.inputs), self.encoder, self.max_rows)
+        probs = self.backend.predict(self.encoder.finish(raw))
+        # A list, not an array: kserve 0.21's to_grpc tests the data's truth value.
+        output = InferOutput(name=oip.OUTPUT, shape=[int(probs.shape[0])], datatype="FP32", data=probs.tolist())
+        return InferResponse(
+            response_id=request.id or "",
+            model_name=self.name,
+            model_version=self.version,
+            infer_outputs=[output],
+            use_binary_outputs=request.use_binary_outputs,
+            requested_outputs=request.request_outputs,
+        )
 
 
-def _bind(host: str) -> None:
-    """Make kserve 0.21's REST and gRPC servers listen on ``host`` instead of every interface."""
-    _kserve()
-    from grpc import aio
-
-    import kserve.model_server as ms
-    import kserve.protocol.rest.multiprocess.server as mp
-    from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc
-    from kserve.protocol.grpc.interceptors import ExceptionToStatusInterceptor, LoggingInterceptor
-    from kserve.protocol.grpc.servicer import InferenceServicer
-
-    base_rest = ms.RESTServer if not hasattr(ms.RESTServer, "_dlrm_host") else ms.RESTServer.__mro__[1]
-    base_grpc = ms.GRPCServer if not hasattr(ms.GRPCServer, "_dlrm_host") else ms.GRPCServer.__mro__[1]
-
-    class HostRESTServer(base_rest):
-        _dlrm_host = host
-
-        def __init__(self, *a, **kw):
-            super().__init__(*a, **kw)
-            self.config.host = host  # uvicorn reads it when it binds
-
-    class HostGRPCServer(base_grpc):
-        _dlrm_host = host
-
-        async def start(self, max_workers):
-            from concurrent import futures
-
-            self._server = aio.server(
-                futures.ThreadPoolExecutor(max_workers=max_workers),
-                interceptors=(LoggingInterceptor(), ExceptionToStatusInterceptor()),
-                options=[
-                    ("grpc.max_send_message_length", self._kwargs.get("grpc_max_send_message_length")),
-                    ("grpc.max_receive_message_length", self._kwargs.get("grpc_max_receive_message_length")),
-                ],
-            )
-            servicer = InferenceServicer(self._data_plane, self._model_repository_extension)
-            grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, self._server)
-            addr = f"[{host}]:{self._port}" if ":" in host else f"{host}:{self._port}"
-            self._server.add_insecure_port(addr)
-            await self._server.start()
-            await self._server.wait_for_termination()
-
-    ms.RESTServer = HostRESTServer
-    mp.RESTServer = HostRESTServer
-    ms.GRPCServer = HostGRPCServer
-
-
+# ----- kserve 0.21's servers, on one host ---------------------------------------------------
 class _JSONByDefault:
-    """ASGI middleware: an infer POST without Content-Type is JSON.
+    """ASGI middleware: a POST without Content-Type is JSON.
 
     tritonclient.http sends its JSON requests without a Content-Type; kserve
     0.21's FastAPI route then takes the body as bytes and asks for the binary
@@ -198,12 +182,57 @@ class _JSONByDefault:
         await self.app(scope, receive, send)
 
 
-def _json_by_default() -> None:
-    import kserve.model_server as ms
+class HostRESTServer(RESTServer):
+    """kserve's REST server on ``host`` (kserve binds 0.0.0.0), JSON by default.
 
-    if not getattr(ms.app, "_dlrm_json_default", False):
-        ms.app.add_middleware(_JSONByDefault)
-        ms.app._dlrm_json_default = True
+    Also the server of each spawned worker process (``--workers N``): it is
+    pickled there, so it lives at module level and keeps the host itself.
+    """
+
+    host = LOOPBACK
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.host = type(self).host  # an instance attribute travels with the pickle
+        self.config.host = self.host  # uvicorn reads it when it binds
+
+    def create_application(self):
+        super().create_application()
+        app = _model_server.app
+        if not getattr(app, "_dlrm_json_default", False):
+            app.add_middleware(_JSONByDefault)
+            app._dlrm_json_default = True
+
+
+class HostGRPCServer(GRPCServer):
+    """kserve's gRPC server (the standard inference.GRPCInferenceService) on ``host``."""
+
+    host = LOOPBACK
+
+    async def start(self, max_workers):
+        self._server = aio.server(
+            futures.ThreadPoolExecutor(max_workers=max_workers),
+            interceptors=(LoggingInterceptor(), ExceptionToStatusInterceptor()),
+            options=[
+                ("grpc.max_send_message_length", self._kwargs.get("grpc_max_send_message_length")),
+                ("grpc.max_receive_message_length", self._kwargs.get("grpc_max_receive_message_length")),
+            ],
+        )
+        servicer = InferenceServicer(self._data_plane, self._model_repository_extension)
+        grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, self._server)
+        host = self.host
+        self._server.add_insecure_port(f"[{host}]:{self._port}" if ":" in host else f"{host}:{self._port}")
+        await self._server.start()
+        await self._server.wait_for_termination()
+
+
+def _bind(host: str) -> None:
+    """Make kserve.ModelServer build its servers from the classes above, on ``host``."""
+    HostRESTServer.host = host
+    HostGRPCServer.host = host
+    _model_server.RESTServer = HostRESTServer
+    _multiprocess.RESTServer = HostRESTServer
+    _model_server.GRPCServer = HostGRPCServer
 
 
 def serve(
@@ -219,11 +248,9 @@ def serve(
     max_rows: int = MAX_ROWS,
 ) -> None:
     """Load the model and serve it until SIGTERM/SIGINT (blocks)."""
-    kserve = _kserve()
-    model = _model_class()(model_name, artifacts, backend=backend, threads=threads, max_rows=max_rows)
+    model = DLRMModel(model_name, artifacts, backend=backend, threads=threads, max_rows=max_rows)
     model.load()
     _bind(host)
-    _json_by_default()
     kserve.ModelServer(http_port=http_port, grpc_port=grpc_port, workers=workers).start([model])
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -39,40 +40,49 @@ def encoder(demo_config):
     return FeatureEncoder(demo_config)
 
 
-@pytest.fixture(scope="module")
-def predictor(demo_artifacts, tmp_path_factory):
-    """``dlrm-serve kserve`` on free loopback ports; yields (http_url, grpc_target, process)."""
+def start_predictor(artifacts, log: Path, *extra: str):
+    """``dlrm-serve kserve`` on free loopback ports, ready; returns (http_url, grpc_target, process)."""
     http_port, grpc_port = free_ports(2)
-    log = tmp_path_factory.mktemp("kserve") / "kserve.log"
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "dlrm_serve.cli", "kserve", "--artifacts", str(demo_artifacts),
-             "--http-port", str(http_port), "--grpc-port", str(grpc_port), "--threads", "1"],
+            [sys.executable, "-m", "dlrm_serve.cli", "kserve", "--artifacts", str(artifacts),
+             "--http-port", str(http_port), "--grpc-port", str(grpc_port), "--threads", "1", *extra],
             stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True,
         )
     url = f"http://{LOOPBACK}:{http_port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"dlrm-serve kserve exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-            try:
-                if http_request("GET", url + "/v2/models/dlrm/ready", timeout=2).status == 200:
-                    break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"dlrm-serve kserve not ready after 120 s:\n{log.read_text()[-3000:]}")
-            time.sleep(0.3)
-        yield url, f"{LOOPBACK}:{grpc_port}", proc
-    finally:
-        proc.terminate()
+    deadline = time.monotonic() + 120
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(f"dlrm-serve kserve exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
         try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)
-            proc.wait(timeout=10)
+            if http_request("GET", url + "/v2/models/dlrm/ready", timeout=2).status == 200:
+                return url, f"{LOOPBACK}:{grpc_port}", proc
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            stop_predictor(proc)
+            pytest.fail(f"dlrm-serve kserve not ready after 120 s:\n{log.read_text()[-3000:]}")
+        time.sleep(0.3)
+
+
+def stop_predictor(proc) -> None:
+    os.killpg(proc.pid, signal.SIGTERM)  # the server and its REST worker processes
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def predictor(demo_artifacts, tmp_path_factory):
+    """One predictor for the module; yields (http_url, grpc_target, process)."""
+    started = start_predictor(demo_artifacts, tmp_path_factory.mktemp("kserve") / "kserve.log")
+    try:
+        yield started
+    finally:
+        stop_predictor(started[2])
 
 
 @pytest.fixture(scope="module")
@@ -170,6 +180,21 @@ def test_bad_input_gives_400_with_the_library_messages(predictor, rows, torchser
             client.infer("dlrm", [dense, sp])
         assert e.value.status() == str(grpc.StatusCode.INVALID_ARGUMENT)
         assert "input 'sparse': instance 1, field C3: 'xyz' is not a hex string" in e.value.message()
+
+
+def test_several_rest_workers(demo_artifacts, tmp_path, make_rows, expected):
+    # kserve spawns the REST workers with the pickled model, which loads the artifacts again.
+    rows = make_rows(3, seed=52)
+    url, _, proc = start_predictor(demo_artifacts, tmp_path / "kserve.log", "--workers", "2")
+    try:
+        assert len(psutil.Process(proc.pid).children()) >= 2
+        for _ in range(6):
+            r = http_request("POST", url + "/v1/models/dlrm:predict", data=json.dumps({"instances": rows.instances}),
+                             headers={"Content-Type": "application/json"}, timeout=60)
+            assert r.status == 200, r.text
+            close(r.json()["predictions"], expected(rows.instances))
+    finally:
+        stop_predictor(proc)
 
 
 @pytest.fixture(scope="module")

@@ -196,3 +196,19 @@ def test_stream_predictions_gives_one_answer_then_ends_ok(torchserve, rows, refe
         # The unary call is unchanged.
         resp = stub.Predictions(req, metadata=grpc_metadata(torchserve), timeout=60)
         close(json.loads(resp.prediction)["predictions"], reference)
+
+
+def test_stock_tritonclient_grpc_finds_no_service_on_torchserve(torchserve, rows):
+    # TorchServe's OIP service is org.pytorch.serve.grpc.openinference.GRPCInferenceService;
+    # stock Triton clients call inference.GRPCInferenceService (the KServe predictor serves that).
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    with grpcclient.InferenceServerClient(torchserve.grpc_inference_target) as client:
+        dense = grpcclient.InferInput("dense", [1, 13], "FP32")
+        dense.set_data_from_numpy(dense_zero_for_missing(rows.instances[:1]))
+        sp = grpcclient.InferInput("sparse", [1, 26], "BYTES")
+        sp.set_data_from_numpy(hex_of(rows.instances[:1]))
+        with pytest.raises(InferenceServerException) as e:
+            client.infer("dlrm", [dense, sp], headers={"authorization": f"Bearer {torchserve.inference_key}"})
+        assert e.value.status() == str(grpc.StatusCode.UNIMPLEMENTED)
