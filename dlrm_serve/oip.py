@@ -240,14 +240,19 @@ def _where(t: Tensor, k: int, width: int) -> str:
     return f"input '{t.name}': element [{r}, {c}]"
 
 
+def _binary(t: Tensor, b: int, width: int, kinds: str, what: str) -> np.ndarray:
+    """Binary tensor data (a numpy array) as ``[b, width]``, checked for kind and size."""
+    arr = t.data
+    if arr.dtype.kind not in kinds or arr.size != b * width:
+        raise InvalidInput(f"input '{t.name}': binary data does not hold {b * width} {what}")
+    return arr.reshape(b, width)
+
+
 def _dense(t: Tensor, b: int, width: int) -> np.ndarray:
     if t.datatype not in _DENSE_TYPES:
         raise InvalidInput(f"input '{t.name}': datatype must be FP32 (or FP64, INT32, INT64), got {t.datatype!r}")
     if isinstance(t.data, np.ndarray):
-        arr = t.data
-        if arr.dtype.kind not in "fiu" or arr.size != b * width:
-            raise InvalidInput(f"input '{t.name}': binary data does not hold {b * width} numbers")
-        return arr.reshape(b, width).astype(np.float64)
+        return _binary(t, b, width, "fiu", "numbers").astype(np.float64)
     data = _flat(t, b * width)
     out = np.empty(b * width, dtype=np.float64)
     for k, v in enumerate(data):
@@ -292,10 +297,7 @@ def _sparse(t: Tensor, b: int, width: int, base64_bytes: bool) -> np.ndarray:
         texts = [_text(t, k, v, width, base64_bytes) for k, v in enumerate(values)]
         return np.asarray(texts, dtype=np.str_).reshape(b, width)
     if isinstance(t.data, np.ndarray):
-        arr = t.data
-        if arr.dtype.kind not in "iu" or arr.size != b * width:
-            raise InvalidInput(f"input '{t.name}': binary data does not hold {b * width} integers")
-        return arr.reshape(b, width).astype(np.int64)
+        return _binary(t, b, width, "iu", "integers").astype(np.int64)
     data = _flat(t, b * width)
     for k, v in enumerate(data):
         if type(v) is not int:
