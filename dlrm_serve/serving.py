@@ -253,10 +253,9 @@ class Predictor:
         self.model_name = model_name
         self.model_version = model_version
 
-    def _decode(self, req: Request, kind: list) -> tuple[FeatureBatch, "oip.OIPRequest | None"]:
-        found, body = oip.classify(req.body, req.content_type)
-        kind.append(found)
-        if found == "oip":
+    def _decode(self, req: Request, kind: str, body: Any) -> tuple[FeatureBatch, "oip.OIPRequest | None"]:
+        """``body`` as :func:`oip.classify` returned it for ``req``: model inputs and the OIP request, if any."""
+        if kind == "oip":
             # TorchServe's OIP gRPC service hands its JSON over decoded, BYTES as base64.
             b64 = req.grpc and isinstance(req.body, dict)
             return oip.decode(body, self.encoder, self.max_rows, base64_bytes=b64)
@@ -299,13 +298,14 @@ class Predictor:
         batches: list[FeatureBatch] = []
         owners: list[tuple[int, "oip.OIPRequest | None"]] = []
         for i, req in enumerate(requests):
-            kind: list = []
+            kind = "other"
             try:
                 if isinstance(req, DLRMServeError):
                     raise req
-                batch, parsed = self._decode(req, kind)
+                kind, body = oip.classify(req.body, req.content_type)
+                batch, parsed = self._decode(req, kind, body)
             except DLRMServeError as e:
-                is_oip = kind == ["oip"]
+                is_oip = kind == "oip"
                 if is_oip and len(requests) == 1 and req.grpc:
                     raise
                 replies[i] = self._error(req, is_oip, e)
