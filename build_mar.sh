@@ -46,6 +46,13 @@ Options:
   --touch-tables         each worker reads every table page once at load, so the
                          memory-mapped tables start fully mapped (shared by all
                          workers through the page cache); off by default
+  --kserve OUT           write the storage layout of KServe's TorchServe runtime
+                         instead: OUT/model-store/NAME.mar (torch backend unless
+                         --backend says otherwise) and OUT/config/config.properties
+                         (TorchServe on 127.0.0.1:8085/8086, gRPC 7070/7071, metrics
+                         on :8082, model_snapshot, enable_envvars_config=true, token
+                         auth off: KServe's wrapper sends no token). Upload OUT to
+                         the storageUri (see deploy/kserve/ and docs/kserve.md)
   -h, --help             this help
 EOF
 }
@@ -69,6 +76,7 @@ MAX_ROWS=8192
 RESPONSE_TIMEOUT=120
 STARTUP_TIMEOUT=120
 TOUCH_TABLES=false
+KSERVE_OUT=
 
 die() { echo "build_mar.sh: $*" >&2; exit 2; }
 need_value() { [ $# -ge 2 ] && [ -n "$2" ] || die "$1 needs a value (see --help)"; }
@@ -92,12 +100,18 @@ while [ $# -gt 0 ]; do
     --response-timeout) need_value "$@"; RESPONSE_TIMEOUT=$2; shift 2 ;;
     --startup-timeout) need_value "$@"; STARTUP_TIMEOUT=$2; shift 2 ;;
     --touch-tables) TOUCH_TABLES=true; shift ;;
+    --kserve) need_value "$@"; KSERVE_OUT=$2; shift 2 ;;
     *) die "unknown option '$1' (see --help)" ;;
   esac
 done
 
-# No --backend: torch for a named archive, else both archives (below).
-[ -z "$BACKEND" ] && [ -n "$MODEL_NAME" ] && BACKEND=torch
+# No --backend: torch for a named archive or a KServe layout, else both archives (below).
+[ -z "$BACKEND" ] && { [ -n "$MODEL_NAME" ] || [ -n "$KSERVE_OUT" ]; } && BACKEND=torch
+if [ -n "$KSERVE_OUT" ]; then
+  [ "$ARCHIVE_FORMAT" = default ] || die "--kserve writes a .mar: leave --archive-format at default"
+  mkdir -p "$KSERVE_OUT/model-store" "$KSERVE_OUT/config"
+  MODEL_STORE="$KSERVE_OUT/model-store"
+fi
 case "$BACKEND" in
   "") ;;
   torch) : "${MODEL_NAME:=dlrm}" ;;
@@ -210,4 +224,41 @@ case "$ARCHIVE_FORMAT" in
   *) OUT="$MODEL_STORE/$MODEL_NAME.mar" ;;
 esac
 [ -e "$OUT" ] || die "torch-model-archiver ran but '$OUT' is not there"
+
+if [ -n "$KSERVE_OUT" ]; then
+  # KServe's TorchServe runtime starts 'torchserve --start --model-store=/mnt/models/model-store
+  # --ts-config=/mnt/models/config/config.properties' next to its wrapper, which serves
+  # KServe's ports 8080 (REST) and 8081 (gRPC) and forwards to the addresses below.
+  cat > "$KSERVE_OUT/config/config.properties" <<EOF
+# TorchServe inside KServe's TorchServe runtime (written by build_mar.sh --kserve).
+# The KServe wrapper in the same container owns 8080 and 8081 and forwards to
+# TorchServe on loopback; only the wrapper and the metrics port face the pod network.
+inference_address=http://127.0.0.1:8085
+management_address=http://127.0.0.1:8086
+metrics_address=http://0.0.0.0:8082
+grpc_inference_address=127.0.0.1
+grpc_inference_port=7070
+grpc_management_address=127.0.0.1
+grpc_management_port=7071
+# TS_* environment variables override keys here.  The runtime sets TS_SERVICE_ENVELOPE
+# from a label KServe forces to kserve/kservev2; the InferenceService sets it to "body"
+# (deploy/kserve/torchserve-runtime.yaml): the handler reads v1 and v2 bodies itself.
+enable_envvars_config=true
+model_store=/mnt/models/model-store
+load_models=all
+model_snapshot={"name":"startup.cfg","modelCount":1,"models":{"$MODEL_NAME":{"$VERSION":{"defaultVersion":true,"marName":"$MODEL_NAME.mar","minWorkers":$WORKERS,"maxWorkers":$WORKERS,"batchSize":$BATCH_SIZE,"maxBatchDelay":$MAX_BATCH_DELAY,"responseTimeout":$RESPONSE_TIMEOUT}}}}
+# KServe's wrapper calls TorchServe without a token, so in-pod token auth is off.
+# What protects the endpoint is the cluster: the mesh (mTLS and an
+# AuthorizationPolicy) and a NetworkPolicy on the predictor pods (deploy/kserve/).
+disable_token_authorization=true
+enable_model_api=false
+allowed_urls=(?!x)x
+metrics_mode=prometheus
+model_metrics_auto_detect=true
+max_request_size=16777216
+max_response_size=2097152
+job_queue_size=128
+EOF
+  echo "wrote the KServe layout $KSERVE_OUT (config/config.properties, model-store/$MODEL_NAME.mar)"
+fi
 echo "built $OUT (model $MODEL_NAME, version $VERSION, backend $BACKEND, device $DEVICE, $WORKERS workers, batch $BATCH_SIZE / ${MAX_BATCH_DELAY} ms)"

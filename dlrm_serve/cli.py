@@ -215,8 +215,37 @@ def _add_export_onnx(sub) -> None:
     p.set_defaults(func=run)
 
 
+def _add_kserve(sub) -> None:
+    p = sub.add_parser(
+        "kserve",
+        help="serve the model as a KServe predictor: v1 :predict, v2/OIP infer over REST and gRPC (needs dlrm-serve[kserve])",
+    )
+    p.add_argument("--artifacts", default="artifacts", help="artifacts folder (default: artifacts)")
+    p.add_argument("--model-name", default="dlrm", help="model name in the URLs (default: dlrm)")
+    p.add_argument("--http-port", type=int, default=8080, help="REST port (default: 8080)")
+    p.add_argument("--grpc-port", type=int, default=8081, help="gRPC port (default: 8081)")
+    p.add_argument("--workers", type=int, default=1, help="REST server processes (default: 1)")
+    p.add_argument(
+        "--host", default="127.0.0.1",
+        help="address to listen on (default: 127.0.0.1; in a container 0.0.0.0, behind the cluster's own protection)",
+    )
+    p.add_argument("--backend", default="torch", choices=["torch", "onnxruntime"], help="model backend (default: torch)")
+    p.add_argument("--threads", type=int, default=0, help="backend threads; 0 = the backend's default")
+    p.add_argument("--max-rows", type=int, default=None, help="most rows one request may carry (default: 8192)")
+
+    def run(args):
+        from .codecs import MAX_ROWS
+        from .kserve_server import main_args
+
+        if args.max_rows is None:
+            args.max_rows = MAX_ROWS
+        main_args(args)
+
+    p.set_defaults(func=run)
+
+
 # Subcommands of later features register here, one function each.
-REGISTRY: list[Callable] = [_add_train, _add_generate, _add_score, _add_import, _add_check, _add_init, _add_quantize, _add_predict, _add_models, _add_export_onnx]
+REGISTRY: list[Callable] = [_add_train, _add_generate, _add_score, _add_import, _add_check, _add_init, _add_quantize, _add_predict, _add_models, _add_export_onnx, _add_kserve]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -14,11 +14,15 @@ Layout of the generated folder (``dlrm_serve/_proto/``, git-ignored)::
     __init__.py
     inference_pb2.py  inference_pb2_grpc.py
     management_pb2.py management_pb2_grpc.py
+    open_inference_grpc_pb2.py open_inference_grpc_pb2_grpc.py
+                      TorchServe's Open Inference Protocol service
+                      (org.pytorch.serve.grpc.openinference.GRPCInferenceService,
+                      served when ts_open_inference_protocol=true)
     googleapis/google/rpc/status_pb2.py
     STAMP.json        what the stubs were made from
 
 protoc's Python output imports other generated modules by their proto path.
-The two TorchServe files are compiled under the path ``dlrm_serve/_proto/``,
+The TorchServe files are compiled under the path ``dlrm_serve/_proto/``,
 so they import each other as ``dlrm_serve._proto.*`` and put no top-level
 ``inference_pb2`` on ``sys.path``.  ``google/rpc/status.proto`` must stay
 ``google.rpc.status_pb2`` (``inference.proto`` imports it by that name), so
@@ -62,16 +66,24 @@ __all__ = [
     "main",
 ]
 
-# Members of model-server.jar that make up the inference and management APIs.
+# Members of model-server.jar that make up the inference, management and OIP APIs.
 PROTO_MEMBERS = {
     "inference": "proto/inference.proto",
     "management": "proto/management.proto",
+    "open_inference": "proto/open_inference_grpc.proto",
     "status": "google/rpc/status.proto",
 }
 PACKAGE = "dlrm_serve._proto"
 STAMP = "STAMP.json"
 _GOOGLEAPIS = "googleapis"
-_MODULES = ("inference_pb2", "inference_pb2_grpc", "management_pb2", "management_pb2_grpc")
+_MODULES = (
+    "inference_pb2",
+    "inference_pb2_grpc",
+    "management_pb2",
+    "management_pb2_grpc",
+    "open_inference_grpc_pb2",
+    "open_inference_grpc_pb2_grpc",
+)
 _lock = threading.Lock()
 _loaded: types.SimpleNamespace | None = None
 
@@ -108,7 +120,7 @@ def find_jar() -> Path:
 
 
 def read_protos(jar: str | os.PathLike | None = None) -> dict[str, bytes]:
-    """The three ``.proto`` files out of the jar, keyed as in :data:`PROTO_MEMBERS`."""
+    """The ``.proto`` files out of the jar, keyed as in :data:`PROTO_MEMBERS`."""
     jar = Path(jar) if jar is not None else find_jar()
     out = {}
     try:
@@ -187,6 +199,7 @@ def generate(out_dir: str | os.PathLike | None = None, jar: str | os.PathLike | 
         pkg_src.mkdir(parents=True)
         (pkg_src / "inference.proto").write_bytes(protos["inference"])
         (pkg_src / "management.proto").write_bytes(protos["management"])
+        (pkg_src / "open_inference_grpc.proto").write_bytes(protos["open_inference"])
         (src / "google" / "rpc").mkdir(parents=True)
         (src / "google" / "rpc" / "status.proto").write_bytes(protos["status"])
         gen = work / "gen"
@@ -198,6 +211,7 @@ def generate(out_dir: str | os.PathLike | None = None, jar: str | os.PathLike | 
             f"--grpc_python_out={gen}",
             f"{pkg_path}/inference.proto",
             f"{pkg_path}/management.proto",
+            f"{pkg_path}/open_inference_grpc.proto",
         ])
         _protoc([f"-I{src}", f"--python_out={gen}", "google/rpc/status.proto"])
         final = work / "final"
@@ -253,7 +267,8 @@ def load(folder: str | os.PathLike | None = None) -> types.SimpleNamespace:
     """The stub modules, generated first when missing or stale.
 
     Returns a namespace with ``inference_pb2``, ``inference_pb2_grpc``,
-    ``management_pb2``, ``management_pb2_grpc`` and ``empty_pb2`` (for Ping).
+    ``management_pb2``, ``management_pb2_grpc``, ``open_inference_grpc_pb2``,
+    ``open_inference_grpc_pb2_grpc`` and ``empty_pb2`` (for Ping).
     """
     global _loaded
     with _lock:

@@ -16,6 +16,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
+import numpy as np
+
+from . import oip
 from .backends import Backend
 from .codecs import MAX_ROWS, decode_request, predictions_body
 from .errors import DLRMServeError, InternalError, InvalidInput
@@ -130,11 +133,18 @@ def read_settings(model_yaml_config: dict | None, cpu_count: int | None = None) 
 # ----- requests and replies ----------------------------------------------------------
 @dataclass
 class Request:
-    """One request's payload.  ``explain`` is set by TorchServe's explanation routes."""
+    """One request's payload.
+
+    ``explain`` is set by TorchServe's explanation routes.  ``grpc`` marks a
+    request that came over TorchServe's gRPC APIs: its replies carry
+    ``ts_stream_next: false`` (StreamPredictions ends after one answer), and
+    an OIP body from there holds BYTES elements as base64.
+    """
 
     body: Any
     content_type: str | None = None
     explain: bool = False
+    grpc: bool = False
 
 
 @dataclass
@@ -189,15 +199,34 @@ def content_type_of(key: str | None, context, idx: int) -> str | None:
     return value if isinstance(value, str) and value else None
 
 
+def _is_enveloped_json(item: dict) -> bool:
+    """Whether ``item`` is a decoded JSON body itself, not TorchServe's map of inputs.
+
+    TorchServe's ``body`` request envelope (set with TS_SERVICE_ENVELOPE=body on
+    KServe's TorchServe runtime, see docs/kserve.md) hands the handler each
+    request's payload instead of the map of inputs.  A map of inputs holds
+    ``body``/``data`` or bytes; a JSON body holds ``instances``, ``inputs`` or
+    ``dense``/``sparse`` as lists.
+    """
+    if any(k in item for k in BODY_KEYS):
+        return False
+    return any(isinstance(item.get(k), list) for k in ("instances", "inputs", "dense", "sparse"))
+
+
 def request_of(item, context, idx: int) -> Request:
     """One item of TorchServe's ``data`` list as a library request.
 
     Raises :class:`InvalidInput` when the item holds several inputs and none
     is named ``body`` or ``data``.
     """
-    explain = context is not None and str(_header(context, idx, "explain") or "").lower() == "true"
+    explain_header = None if context is None else _header(context, idx, "explain")
+    explain = str(explain_header or "").lower() == "true"
+    # Every REST inference route of TorchServe adds the header "explain"; its gRPC APIs add none.
+    grpc = context is not None and explain_header is None
     if not isinstance(item, dict):
-        return Request(item, None, explain)
+        return Request(item, None, explain, grpc)
+    if _is_enveloped_json(item):
+        return Request(item, JSON_TYPE, explain, grpc)
     if not item:
         # TorchServe parses form bodies (curl -d sends one) into fields and
         # drops a TSV line or binary data that does not look like a=b.
@@ -221,7 +250,7 @@ def request_of(item, context, idx: int) -> Request:
         # TorchServe already decoded a JSON scalar (a string, number or null);
         # give the codec the JSON text back so it reports what was sent.
         body = json.dumps(body).encode()
-    return Request(body, ctype, explain)
+    return Request(body, ctype, explain, grpc)
 
 
 # ----- the predictor -----------------------------------------------------------------
@@ -240,29 +269,75 @@ class Predictor:
     """Turns a list of requests into a list of replies, one per request.
 
     A request that cannot be decoded gets its own 4xx reply; the rest of the
-    batch still runs, in one forward pass.
+    batch still runs, in one forward pass.  Bodies in the Open Inference
+    Protocol (:mod:`dlrm_serve.oip`) are answered in OIP form, every other
+    body as ``{"predictions": [...]}``.
     """
 
-    def __init__(self, backend: Backend, max_rows: int = MAX_ROWS):
+    def __init__(self, backend: Backend, max_rows: int = MAX_ROWS, model_name: str = "dlrm", model_version: str = "1.0"):
         self.backend = backend
         self.config = backend.config
         self.encoder = FeatureEncoder(self.config)
         self.max_rows = max_rows
+        self.model_name = model_name
+        self.model_version = model_version
+
+    def _decode(self, req: Request, kind: str, body: Any) -> tuple[FeatureBatch, "oip.OIPRequest | None"]:
+        """``body`` as :func:`oip.classify` returned it for ``req``: model inputs and the OIP request, if any."""
+        if kind == "oip":
+            # TorchServe's OIP gRPC service hands its JSON over decoded, BYTES as base64.
+            b64 = req.grpc and isinstance(req.body, dict)
+            return oip.decode(body, self.encoder, self.max_rows, base64_bytes=b64)
+        return decode_request(body, req.content_type, self.encoder, self.max_rows), None
+
+    def _error(self, req: Request | DLRMServeError, oip_body: bool, e: DLRMServeError) -> Reply:
+        if not oip_body:
+            reply = Reply.error(e)
+        elif isinstance(req, Request) and req.grpc:
+            # TorchServe's OIP gRPC frontend ignores the status and reads id,
+            # model_name, model_version and outputs from every reply (it drops
+            # the worker when they are missing), so the error travels as an
+            # output; a batch of one raises instead (see handle).
+            reply = Reply(e.status, {
+                **oip.response_body(np.zeros(0, np.float32), self.model_name, self.model_version, ""),
+                "outputs": [{"name": "error", "datatype": "BYTES", "shape": [1], "data": [e.message]}],
+            })
+        else:
+            reply = Reply(e.status, oip.error_body(e))
+        return self._headers(req, reply)
+
+    @staticmethod
+    def _headers(req: Request | DLRMServeError, reply: Reply) -> Reply:
+        # StreamPredictions ends its stream only on "ts_stream_next: false".  REST
+        # must not get it: there TorchServe would answer as the end of a chunked stream.
+        if isinstance(req, Request) and req.grpc:
+            reply.headers["ts_stream_next"] = "false"
+        return reply
 
     def handle(self, requests: Sequence[Request | DLRMServeError]) -> tuple[list[Reply], BatchStats]:
-        """Replies in request order.  An item may already be an error (it gets its reply)."""
+        """Replies in request order.  An item may already be an error (it gets its reply).
+
+        Raises the request's :class:`DLRMServeError` when the batch is one bad
+        request to TorchServe's OIP gRPC service: that way the client gets a
+        gRPC status (INVALID_ARGUMENT) with the message.
+        """
         stats = BatchStats(requests=len(requests))
         t0 = time.perf_counter()
         replies: list[Reply | None] = [None] * len(requests)
         batches: list[FeatureBatch] = []
-        owners: list[int] = []
+        owners: list[tuple[int, "oip.OIPRequest | None"]] = []
         for i, req in enumerate(requests):
+            kind = "other"
             try:
                 if isinstance(req, DLRMServeError):
                     raise req
-                batch = decode_request(req.body, req.content_type, self.encoder, self.max_rows)
+                kind, body = oip.classify(req.body, req.content_type)
+                batch, parsed = self._decode(req, kind, body)
             except DLRMServeError as e:
-                replies[i] = Reply.error(e)
+                is_oip = kind == "oip"
+                if is_oip and len(requests) == 1 and req.grpc:
+                    raise
+                replies[i] = self._error(req, is_oip, e)
                 stats.invalid += 1
                 continue
             except Exception as e:  # MemoryError included: this request fails alone
@@ -274,7 +349,7 @@ class Predictor:
                 stats.invalid += 1
                 continue
             batches.append(batch)
-            owners.append(i)
+            owners.append((i, parsed))
         t1 = time.perf_counter()
         stats.decode_seconds = t1 - t0
         if batches:
@@ -284,9 +359,13 @@ class Predictor:
             stats.forward_seconds = time.perf_counter() - t1
             stats.rows = merged.batch_size
             start = 0
-            for i, batch in zip(owners, batches):
+            for (i, parsed), batch in zip(owners, batches):
                 stop = start + batch.batch_size
-                replies[i] = Reply(200, predictions_body(probs[start:stop]))
+                if parsed is None:
+                    body = predictions_body(probs[start:stop])
+                else:
+                    body = oip.response_body(probs[start:stop], self.model_name, self.model_version, parsed.id)
+                replies[i] = self._headers(requests[i], Reply(200, body))
                 start = stop
         return replies, stats  # every slot is filled: an error reply or predictions
 

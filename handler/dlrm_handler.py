@@ -48,7 +48,8 @@ class DLRMHandler(BaseHandler):
         self.backend = load_backend(
             model_dir, self.settings["backend"], threads=self.settings["threads"], **backend_options(self.settings, placement)
         )
-        self.predictor = Predictor(self.backend, max_rows=self.settings["max_rows"])
+        model = self.manifest.get("model", {})
+        self.predictor = Predictor(self.backend, self.settings["max_rows"], model.get("modelName", "dlrm"), model.get("modelVersion", "1.0"))
         if self.settings["touch_tables"]:
             start = time.perf_counter()
             touched = touch_backend_tables(self.backend)
