@@ -51,6 +51,8 @@ __all__ = [
     "JSON_CONTENT_TYPE",
     "TSV_CONTENT_TYPE",
     "decode_request",
+    "fast_json",
+    "fast_request",
     "decode_json",
     "decode_tsv",
     "decode_binary",
@@ -480,6 +482,21 @@ def decode_request(
                 return encoder.finish(fast)
         return decode_json(_parse_json(body), encoder, max_rows)
     return decode_tsv(body, encoder, max_rows)
+
+
+def fast_request(body: Any, content_type: str | None, encoder: FeatureEncoder, max_rows: int = MAX_ROWS) -> FeatureBatch | None:
+    """Model inputs of a positional JSON body given as bytes (:func:`fast_json`), or None.
+
+    None means: decode it some other way (it may be another format, named
+    fields, an Open Inference Protocol body, or bad input to be worded).
+    """
+    if not isinstance(body, (bytes, bytearray)) or not body:
+        return None
+    ctype = (content_type or "").split(";")[0].strip().lower()
+    if ctype not in ("", "application/x-www-form-urlencoded", JSON_CONTENT_TYPE) or body[:1] != b"{":
+        return None
+    raw = fast_json(body, encoder, max_rows)
+    return None if raw is None else encoder.finish(raw)
 
 
 def predictions_body(probabilities: np.ndarray) -> dict:

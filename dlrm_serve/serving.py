@@ -20,7 +20,7 @@ import numpy as np
 
 from . import oip
 from .backends import Backend
-from .codecs import MAX_ROWS, decode_request, predictions_body
+from .codecs import MAX_ROWS, decode_request, fast_request, predictions_body
 from .errors import DLRMServeError, InternalError, InvalidInput
 from .features import FeatureBatch, FeatureEncoder
 from .placement import DEFAULT_MEMORY_SHARE, TABLE_POLICIES, parse_device
@@ -285,8 +285,10 @@ class Predictor:
     def _decode(self, req: Request, kind: str, body: Any) -> tuple[FeatureBatch, "oip.OIPRequest | None"]:
         """``body`` as :func:`oip.classify` returned it for ``req``: model inputs and the OIP request, if any."""
         if kind == "oip":
-            # TorchServe's OIP gRPC service hands its JSON over decoded, BYTES as base64.
-            b64 = req.grpc and isinstance(req.body, dict)
+            # TorchServe's OIP gRPC service hands its JSON over (typed as JSON, or
+            # decoded when the worker decodes JSON), BYTES as base64.
+            ctype = (req.content_type or "").split(";")[0].strip().lower()
+            b64 = req.grpc and (isinstance(req.body, dict) or ctype == JSON_TYPE)
             return oip.decode(body, self.encoder, self.max_rows, base64_bytes=b64)
         return decode_request(body, req.content_type, self.encoder, self.max_rows), None
 
@@ -331,8 +333,11 @@ class Predictor:
             try:
                 if isinstance(req, DLRMServeError):
                     raise req
-                kind, body = oip.classify(req.body, req.content_type)
-                batch, parsed = self._decode(req, kind, body)
+                # The common JSON body, read straight from its bytes; else classified (OIP or not) and decoded.
+                batch, parsed = fast_request(req.body, req.content_type, self.encoder, self.max_rows), None
+                if batch is None:
+                    kind, body = oip.classify(req.body, req.content_type)
+                    batch, parsed = self._decode(req, kind, body)
             except DLRMServeError as e:
                 is_oip = kind == "oip"
                 if is_oip and len(requests) == 1 and req.grpc:
