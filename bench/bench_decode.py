@@ -6,6 +6,8 @@ For ``--rows`` distinct synthetic Criteo rows, times in interleaved rounds:
   and of the same rows by feature name;
 - decoding the parsed instances (as TorchServe hands them to the handler),
   positional and by name, into model inputs;
+- decoding the JSON bodies from their bytes, as workers get them with
+  ``decode_input_request=false`` (parse included);
 - decoding the same rows as Criteo TSV bytes;
 - decoding the binary format.
 
@@ -78,6 +80,8 @@ def main(argv=None) -> int:
         "json.loads (named body)": lambda: json.loads(b["named"]),
         "decode parsed JSON, positional": lambda: decode_json(parsed, enc),
         "decode parsed JSON, by name": lambda: decode_json(parsed_named, enc),
+        "decode JSON body bytes, positional": lambda: decode_request(b["json"], "application/json", enc),
+        "decode JSON body bytes, by name": lambda: decode_request(b["named"], "application/json", enc),
         "decode TSV bytes": lambda: decode_tsv(b["tsv"], enc),
         "decode binary": lambda: decode_request(b["binary"], "application/x-dlrm", enc),
     }
@@ -86,6 +90,8 @@ def main(argv=None) -> int:
     ref = {
         "decode parsed JSON, positional": "json.loads (positional body)",
         "decode parsed JSON, by name": "json.loads (named body)",
+        "decode JSON body bytes, positional": "json.loads (positional body)",
+        "decode JSON body bytes, by name": "json.loads (named body)",
         "decode TSV bytes": "json.loads (positional body)",
         "decode binary": "json.loads (positional body)",
     }

@@ -125,11 +125,7 @@ def _parse_json(data: bytes | bytearray | str) -> Any:
 
 
 # The vectorised reader of the common JSON body, straight from its bytes.
-_QUOTE, _COLON, _COMMA = 34, 58, 44
-_STRUCT = np.zeros(256, dtype=bool)
-_STRUCT[[ord(c) for c in '{}[]:,"']] = True
-_WS = np.zeros(256, dtype=bool)
-_WS[[9, 10, 13, 32]] = True
+_QUOTE, _V = 34, ord("v")
 _NULL = int.from_bytes(b"null", "little")
 
 
@@ -147,38 +143,48 @@ def fast_json(data: bytes | bytearray | memoryview, encoder: FeatureEncoder, max
     """
     if isinstance(data, memoryview):
         data = data.tobytes()
-    buf = np.frombuffer(data, dtype=np.uint8)
-    if buf.shape[0] < 2 or buf[0] != ord("{") or b"\\" in data:
+    head = data[:64]
+    if not head.startswith(b"{") or b'"dense"' not in data[:4096] or b"\\" in data:
         return None
+    buf = np.frombuffer(data, dtype=np.uint8)
     quotes = np.flatnonzero(buf == _QUOTE)
     if quotes.shape[0] % 2:
         return None
     opens, closes = quotes[0::2], quotes[1::2]
-    # The skeleton: bytes outside strings but whitespace, and one '"' per string.
-    depth = np.zeros(buf.shape[0] + 1, dtype=np.int8)
-    depth[opens] = 1
-    depth[closes + 1] -= 1
-    keep = ~np.cumsum(depth[:-1], dtype=np.int8).view(bool)
-    keep &= ~_WS[buf]
-    keep[opens] = True
-    pos = np.flatnonzero(keep)  # where each skeleton byte comes from
-    skel = buf[pos]
-    # A value token is a run of non-structural bytes, contiguous in the body.
-    value = ~_STRUCT[skel]
-    run_start = np.flatnonzero(value & ~np.concatenate(([False], value[:-1])))
-    run_end = np.flatnonzero(value & ~np.concatenate((value[1:], [False]))) + 1
-    if ((pos[run_end - 1] - pos[run_start]) != (run_end - run_start - 1)).any():
+    # Bytes inside strings, quotes included: alternating runs between the quotes.
+    bounds = np.empty(quotes.shape[0] + 2, dtype=np.int64)
+    bounds[0], bounds[1:-1], bounds[-1] = 0, quotes, buf.shape[0]
+    bounds[2:-1:2] += 1
+    runs = np.zeros(bounds.shape[0] - 1, dtype=bool)
+    runs[1::2] = True
+    outside = ~np.repeat(runs, np.diff(bounds))
+    # JSON whitespace is space, tab, CR and LF; other control bytes are not JSON.
+    control = outside & (buf < 32)
+    if control.any() and not np.isin(buf[control], (9, 10, 13)).all():
         return None
-    shape = skel.copy()
-    shape[value] = 0
-    shape[run_start] = ord("v")
-    got = shape[shape != 0]
-    text = got.tobytes()
+    # Value bytes outside strings: '-' to '9' (numbers; '.' and '/' fail later) and
+    # the letters of null.  Whitespace ends a value, so "1 2" is two values.
+    value = outside & (((buf - np.uint8(45)) <= 12) | (buf == 110) | (buf == 117) | (buf == 108))
+    first_byte = value.copy()
+    first_byte[1:] &= ~value[:-1]
+    last_byte = value.copy()
+    last_byte[:-1] &= ~value[1:]
+    # The skeleton: structure bytes, one byte per value and one '"' per string.
+    keep = (outside & (buf > 32) & ~value) | first_byte
+    keep[opens] = True
+    pos = np.flatnonzero(keep)
+    got = buf[pos]
+    if (got == _V).any():  # a stray 'v' would pass for a value below
+        return None
+    is_value = first_byte[pos]
+    got[is_value] = _V
+    run_start = pos[is_value]
+    run_end = np.flatnonzero(last_byte) + 1
     nd, ns = encoder.num_dense, encoder.num_sparse
     row = b'{":[' + b"v," * (nd - 1) + b'v],":[' + b"?," * (ns - 1) + b"?]}"
-    batch = text.startswith(b'{":[{')
+    batch = got.shape[0] > 4 and got[4] == ord("{")
     if batch:
-        b, rem = divmod(len(text) - 5, len(row) + 1)
+        b, rem = divmod(got.shape[0] - 5, len(row) + 1)
         if rem or b < 1 or b > max_rows:
             return None
         want = b'{":[' + b",".join([row] * b) + b"]}"
@@ -187,15 +193,17 @@ def fast_json(data: bytes | bytearray | memoryview, encoder: FeatureEncoder, max
     expect = np.frombuffer(want, dtype=np.uint8)
     if got.shape[0] != expect.shape[0]:
         return None
-    wild = expect == ord("?")
-    if (got[~wild] != expect[~wild]).any() or not np.isin(got[wild], (ord("v"), _QUOTE)).all():
+    # Wildcards ('?') take a value (null) or a string; everything else must match.
+    either = (expect == ord("?")) & ((got == _V) | (got == _QUOTE))
+    if ((got != expect) & ~either).any():
         return None
     # Tokens in skeleton order ("instances", then per row: "dense", nd values, "sparse", ns values).
-    tok_is_str = got[(got == ord("v")) | (got == _QUOTE)] == _QUOTE
-    tok_start = np.empty(tok_is_str.shape[0], dtype=np.int64)
-    tok_end = np.empty(tok_is_str.shape[0], dtype=np.int64)
+    tokens = got[(got == _V) | (got == _QUOTE)]
+    tok_is_str = tokens == _QUOTE
+    tok_start = np.empty(tokens.shape[0], dtype=np.int64)
+    tok_end = np.empty(tokens.shape[0], dtype=np.int64)
     tok_start[tok_is_str], tok_end[tok_is_str] = opens + 1, closes
-    tok_start[~tok_is_str], tok_end[~tok_is_str] = pos[run_start], pos[run_end - 1] + 1
+    tok_start[~tok_is_str], tok_end[~tok_is_str] = run_start, run_end
     if batch and bytes(buf[tok_start[0] : tok_end[0]]) != b"instances":
         return None
     per_row = nd + ns + 2

@@ -331,11 +331,15 @@ def int_fields(buf: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndar
     padded[16:] = buf
     words = np.ndarray((padded.shape[0] - 7,), dtype="<u8", buffer=padded, strides=(1,))
     end = ends + 16
-    low, ok = _decimal_word(words[end - 8], np.minimum(digits, 8))
-    high, ok_high = _decimal_word(words[end - 16], np.maximum(digits - 8, 0))
-    if not (ok & ok_high).all():
+    value, ok = _decimal_word(words[end - 8], np.minimum(digits, 8))
+    if not ok.all():
         return None
-    value = (high * _U(100_000_000) + low).view(np.int64)
+    if int(digits.max()) > 8:
+        high, ok = _decimal_word(words[end - 16], np.maximum(digits - 8, 0))
+        if not ok.all():
+            return None
+        value += high * _U(100_000_000)
+    value = value.view(np.int64)
     np.negative(value, out=value, where=neg)
     present = lengths > 0
     out[present] = value[present].astype(np.float64)
