@@ -158,3 +158,33 @@ def test_predictions_body_is_exact_float32():
     body = codecs.predictions_body(p)
     again = np.array(json.loads(json.dumps(body))["predictions"], dtype=np.float32)
     np.testing.assert_array_equal(again, p)
+
+
+def test_positional_json_bytes_are_read_straight_and_agree_with_the_parser():
+    from dlrm_serve.codecs import fast_json
+
+    rows = [dict(ROW, dense=[None, 0, -3, 7] + [12345678901] * 9), ROW]
+    want = ENC.encode_instances(rows)
+    for body in (
+        json.dumps({"instances": rows}),
+        json.dumps({"instances": rows}, separators=(",", ":")),
+        json.dumps({"instances": rows}, indent=2),
+        "\r\n\t" + json.dumps({"instances": rows}) + " \n",
+    ):
+        data = body.strip(" \r\n\t").encode() if body.startswith("\r") else body.encode()
+        assert fast_json(data, ENC) is not None
+        same(want, decode_request(data, "application/json", ENC))
+    one = json.dumps(ROW).encode()
+    assert fast_json(one, ENC) is not None
+    same(ENC.encode_instances([ROW]), decode_request(one, None, ENC))
+    # Not that shape, or not JSON: the parser decides, with its own messages.
+    for body, match in [
+        (one.replace(b"[", b"[01, ", 1), "invalid JSON"),
+        (one.replace(b", ", b" ", 1), "invalid JSON"),
+        (one + b"x", "invalid JSON"),
+        (one.replace(b"null", b"nul", 1) if b"null" in one else one[:-1], "invalid JSON"),
+        (one.replace(b", ", b",\x01", 1), "invalid JSON"),
+    ]:
+        assert fast_json(body, ENC) is None
+        with pytest.raises(InvalidInput, match=match):
+            decode_request(body, "application/json", ENC)

@@ -88,6 +88,9 @@ def test_valid_rows_with_one_field_mutated(rows, data):
     assert np.array_equal(got.dense, want.dense) and np.array_equal(got.indices, want.indices)
     binary = decode_request(encode_binary(ENC.raw_instances(rows)), None, ENC)
     assert np.array_equal(binary.indices, want.indices)
+    for sep in ((", ", ": "), (",", ":")):  # JSON bytes, as workers get them: read straight from the bytes
+        raw = decode_request(json.dumps({"instances": rows}, separators=sep).encode(), "application/json", ENC)
+        assert np.array_equal(raw.dense, want.dense) and np.array_equal(raw.indices, want.indices)
     # One field mutated: a batch or a 400, on the JSON and TSV routes alike.
     i = data.draw(st.integers(0, len(rows) - 1))
     key = data.draw(st.sampled_from(["dense", "sparse"]))
@@ -96,6 +99,7 @@ def test_valid_rows_with_one_field_mutated(rows, data):
     mutated = json.loads(json.dumps(rows))
     mutated[i][key][j] = value
     decodes_or_400({"instances": mutated}, "application/json")
+    decodes_or_400(json.dumps({"instances": mutated}).encode(), "application/json")
     named = [{**dict(zip(CFG.dense_names, r["dense"])), **dict(zip(CFG.sparse_names, r["sparse"]))} for r in mutated]
     decodes_or_400({"instances": named}, "application/json")
     text = "\n".join("\t".join("" if v is None else str(v) for v in r["dense"] + r["sparse"]) for r in mutated)
