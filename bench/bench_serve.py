@@ -141,6 +141,10 @@ def run_cell(connectors: dict, procs: dict, bodies: list[bytes], ctype: str, row
             "p50_ms": float(np.median([r["p50_ms"] for r in rs])),
             "p99_ms": float(np.median([r["p99_ms"] for r in rs])),
             "server_cpu_us_per_row": sum(r["server_cpu_us_per_row"] * r["ok"] * rows for r in rs) / max(done_rows, 1),
+            "server_cpu_by_group": {
+                g: sum(r["server_cpu_by_group"].get(g, 0.0) * r["ok"] * rows for r in rs) / max(done_rows, 1)
+                for g in rs[0]["server_cpu_by_group"]
+            },
             "client_cpu_us_per_row": sum(r["client_cpu_us_per_row"] * r["ok"] * rows for r in rs) / max(done_rows, 1),
             "rounds": [r["rows_per_s"] for r in rs],
         }
@@ -228,6 +232,16 @@ def verdicts(results: list[dict], big: int) -> list[str]:
         t: max((r for r in results if r["transport"] == t and r["format"] == "binary" and r["rows"] == big), key=lambda r: r["rows_per_s"], default=None)
         for t in ("rest", "grpc")
     }
+    for t in ("rest", "grpc"):
+        # JSON's throughput as a share of binary's, at the biggest requests, in the same run.
+        cells = {f: [r for r in results if r["transport"] == t and r["format"] == f and r["rows"] == big] for f in ("json", "binary")}
+        if cells["json"] and cells["binary"]:
+            shares = [j["rows_per_s"] / b["rows_per_s"] for j, b in zip(cells["json"], cells["binary"])]
+            out.append(
+                f"- {t}, {big} rows/request: JSON at {', '.join(f'{100 * x:.0f}%' for x in shares)} of binary's rows/s "
+                f"(clients {', '.join(str(r['concurrency']) for r in cells['json'])}; target >= 35%): "
+                f"{'met' if max(shares) >= 0.35 else 'NOT met'}"
+            )
     if best["rest"] and best["grpc"]:
         ratio = best["grpc"]["rows_per_s"] / best["rest"]["rows_per_s"]
         out.append(
@@ -314,8 +328,11 @@ def main(argv: list[str] | None = None, *, defaults: dict | None = None) -> int:
 
                 predictor = Predictor(load_backend(artifacts, "torch", threads=args.threads or None))
             connectors = {t: connector(t, server=server, predictor=predictor) for t in transports}
+            # The Java frontend apart from the Python workers (and the idle launcher).
             served = common.server_processes(server)
-            procs = {t: ([] if t == "inprocess" else served) for t in transports}
+            frontend = [p for p in served if "java" in p.name().lower()]
+            groups = {"frontend": frontend, "workers": [p for p in served if p not in frontend]}
+            procs = {t: ({} if t == "inprocess" else groups) for t in transports}
             for t in transports:  # warm the JIT and the workers on every payload before timing
                 for (fmt, rows), bs in bodies.items():
                     drive(connectors[t], bs, CONTENT_TYPES[fmt], rows, 4, warmup)
@@ -358,11 +375,13 @@ def main(argv: list[str] | None = None, *, defaults: dict | None = None) -> int:
     print("\n".join(lines))
     table = common.markdown_table(
         ["transport", "format", "rows/request", "clients", "requests", "errors", "rows/s", "% of in-process", "p50 ms", "p99 ms",
-         "server CPU us/row", "client CPU us/row", "CPU efficiency %"],
+         "server CPU us/row", "of it frontend", "of it workers", "client CPU us/row", "CPU efficiency %"],
         [
             [r["transport"], r["format"], r["rows"], r["concurrency"], r["requests"], r["errors"], f"{r['rows_per_s']:.0f}",
              f"{100 * r['vs_in_process']:.1f}", f"{r['p50_ms']:.2f}", f"{r['p99_ms']:.2f}",
-             f"{r['server_cpu_us_per_row']:.2f}", f"{r['client_cpu_us_per_row']:.2f}", f"{100 * r['cpu_efficiency']:.1f}"]
+             f"{r['server_cpu_us_per_row']:.2f}", f"{r['server_cpu_by_group'].get('frontend', float('nan')):.2f}",
+             f"{r['server_cpu_by_group'].get('workers', float('nan')):.2f}",
+             f"{r['client_cpu_us_per_row']:.2f}", f"{100 * r['cpu_efficiency']:.1f}"]
             for r in results
         ],
     )

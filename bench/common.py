@@ -439,7 +439,7 @@ def drive(
     *,
     max_requests: int = 200_000,
     warmup: int = 2,
-    server_procs: Sequence[Any] = (),
+    server_procs: Sequence[Any] | Mapping[str, Sequence[Any]] = (),
     start_timeout: float = 300.0,
 ) -> dict:
     """``concurrency`` client threads, each with a connection from ``connect()``,
@@ -457,8 +457,12 @@ def drive(
       reported under ``failures`` (and raised when no request succeeded).
 
     Returns requests, ok, errors, rows/s of successes, p50/p99 of successful
-    requests, and CPU per row of the client and of ``server_procs``.
+    requests, and CPU per row of the client and of ``server_procs``.  When
+    ``server_procs`` maps group names (say frontend, workers) to processes,
+    ``server_cpu_by_group`` gives each group's CPU per row as well.
     """
+    groups = dict(server_procs) if isinstance(server_procs, Mapping) else {"server": list(server_procs)}
+    server_procs = [p for ps in groups.values() for p in ps]
     if concurrency < 1 or seconds <= 0:
         raise ValueError(f"need concurrency >= 1 and seconds > 0, got {concurrency} and {seconds}")
     lat: list[list[float]] = [[] for _ in range(concurrency)]
@@ -524,12 +528,13 @@ def drive(
             t.join()
         raise RuntimeError("; ".join(failures[:3]))
     t_start = time.perf_counter()
-    cpu_server, cpu_client = cpu_seconds(server_procs), time.process_time()
+    cpu_groups, cpu_client = {g: cpu_seconds(ps) for g, ps in groups.items()}, time.process_time()
     deadline[0] = t_start + seconds
     for t in threads:
         t.join()
     elapsed = time.perf_counter() - t_start
-    cpu_server, cpu_client = cpu_seconds(server_procs) - cpu_server, time.process_time() - cpu_client
+    cpu_groups = {g: cpu_seconds(ps) - cpu_groups[g] for g, ps in groups.items()}
+    cpu_server, cpu_client = sum(cpu_groups.values()), time.process_time() - cpu_client
     ok_lat = np.array([x for xs in lat for x in xs])
     ok = len(ok_lat)
     if failures and ok == 0:
@@ -545,5 +550,6 @@ def drive(
         "p50_ms": float(np.percentile(ok_lat, 50) * 1e3) if ok else float("nan"),
         "p99_ms": float(np.percentile(ok_lat, 99) * 1e3) if ok else float("nan"),
         "server_cpu_us_per_row": cpu_server / scored * 1e6 if server_procs else float("nan"),
+        "server_cpu_by_group": {g: c / scored * 1e6 for g, c in cpu_groups.items()} if server_procs else {},
         "client_cpu_us_per_row": cpu_client / scored * 1e6,
     }
