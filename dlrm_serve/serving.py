@@ -18,6 +18,7 @@ from typing import Any, Callable, Sequence
 from .backends import Backend
 from .codecs import MAX_ROWS, decode_request, predictions_body
 from .errors import DLRMServeError, InvalidInput
+from .explain import EXPLAIN_MAX_ROWS
 from .features import FeatureBatch, FeatureEncoder
 
 __all__ = [
@@ -36,6 +37,10 @@ JSON_TYPE = "application/json"
 # Where TorchServe puts a request's payload: the raw REST body, a form field
 # or TorchServe's own gRPC client input.
 BODY_KEYS = ("body", "data")
+# Inputs next to the payload that ask for an explanation (gRPC has no explain
+# call) and pick its method; REST query parameters arrive the same way.
+EXPLAIN_KEY = "explain"
+METHOD_KEY = "method"
 
 
 # ----- settings: the ``dlrm:`` section of model-config.yaml ------------------------
@@ -76,6 +81,7 @@ SETTINGS: dict[str, tuple[Any, Callable[[str, Any], Any]]] = {
     "threads": (0, _count),  # 0 = cpu count / workers
     "touch_tables": (False, _flag),
     "metrics_interval": (1.0, _seconds),
+    "explain_max_rows": (EXPLAIN_MAX_ROWS, _positive_int),
 }
 
 
@@ -101,11 +107,13 @@ def read_settings(model_yaml_config: dict | None, cpu_count: int | None = None) 
 # ----- requests and replies ----------------------------------------------------------
 @dataclass
 class Request:
-    """One request's payload.  ``explain`` is set by TorchServe's explanation routes."""
+    """One request's payload.  ``explain`` is set by TorchServe's explanation routes
+    (or an ``explain`` input); ``method`` is the explanation method asked for (None: the default)."""
 
     body: Any
     content_type: str | None = None
     explain: bool = False
+    method: str | None = None
 
 
 @dataclass
@@ -160,15 +168,39 @@ def content_type_of(key: str | None, context, idx: int) -> str | None:
     return value if isinstance(value, str) and value else None
 
 
+def _text_input(value: Any) -> str:
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value).decode("utf-8", "replace").strip()
+    return str(value).strip()
+
+
+def _explain_input(value: Any) -> bool:
+    text = _text_input(value).lower()
+    if text in ("true", "1", "yes"):
+        return True
+    if text in ("false", "0", "no", ""):
+        return False
+    raise InvalidInput(f"the input 'explain' must be true or false, got {text[:40]!r}")
+
+
 def request_of(item, context, idx: int) -> Request:
     """One item of TorchServe's ``data`` list as a library request.
 
-    Raises :class:`InvalidInput` when the item holds several inputs and none
-    is named ``body`` or ``data``.
+    The payload is the input ``body`` or ``data`` (or the only input).  An
+    input ``explain`` (true/false) asks for explanations as TorchServe's
+    explanation routes do, and ``method`` picks their method; both also come
+    as REST query parameters.  Raises :class:`InvalidInput` when the item
+    holds several inputs and none is named ``body`` or ``data``.
     """
     explain = context is not None and str(_header(context, idx, "explain") or "").lower() == "true"
     if not isinstance(item, dict):
         return Request(item, None, explain)
+    options = {k: item[k] for k in (EXPLAIN_KEY, METHOD_KEY) if k in item}
+    if EXPLAIN_KEY in options:
+        explain = explain or _explain_input(options[EXPLAIN_KEY])
+    method = _text_input(options[METHOD_KEY]) if METHOD_KEY in options else None
+    if options and len(options) < len(item):
+        item = {k: v for k, v in item.items() if k not in options}
     if not item:
         # TorchServe parses form bodies (curl -d sends one) into fields and
         # drops a TSV line or binary data that does not look like a=b.
@@ -192,7 +224,7 @@ def request_of(item, context, idx: int) -> Request:
         # TorchServe already decoded a JSON scalar (a string, number or null);
         # give the codec the JSON text back so it reports what was sent.
         body = json.dumps(body).encode()
-    return Request(body, ctype, explain)
+    return Request(body, ctype, explain, method)
 
 
 # ----- the predictor -----------------------------------------------------------------
@@ -211,14 +243,26 @@ class Predictor:
     """Turns a list of requests into a list of replies, one per request.
 
     A request that cannot be decoded gets its own 4xx reply; the rest of the
-    batch still runs, in one forward pass.
+    batch still runs, in one forward pass.  Explain requests (``Request.explain``)
+    are decoded the same way and answered by :mod:`dlrm_serve.explain`, at most
+    ``explain_max_rows`` rows each.
     """
 
-    def __init__(self, backend: Backend, max_rows: int = MAX_ROWS):
+    def __init__(self, backend: Backend, max_rows: int = MAX_ROWS, explain_max_rows: int = EXPLAIN_MAX_ROWS):
         self.backend = backend
         self.config = backend.config
         self.encoder = FeatureEncoder(self.config)
         self.max_rows = max_rows
+        self.explain_max_rows = explain_max_rows
+        self._explainer = None  # made on the first explain request
+
+    def explain(self, batch: FeatureBatch, method: str | None) -> Reply:
+        """The reply to one explain request (a 400 when this backend cannot explain)."""
+        from .explain import explainer_for
+
+        if self._explainer is None:
+            self._explainer = explainer_for(self.backend, max_rows=self.explain_max_rows)
+        return Reply(200, self._explainer.answer(batch, method))
 
     def handle(self, requests: Sequence[Request | DLRMServeError]) -> tuple[list[Reply], BatchStats]:
         """Replies in request order.  An item may already be an error (it gets its reply)."""
@@ -227,6 +271,7 @@ class Predictor:
         replies: list[Reply | None] = [None] * len(requests)
         batches: list[FeatureBatch] = []
         owners: list[int] = []
+        explains: list[tuple[int, FeatureBatch, str | None]] = []
         for i, req in enumerate(requests):
             try:
                 if isinstance(req, DLRMServeError):
@@ -235,6 +280,9 @@ class Predictor:
             except DLRMServeError as e:
                 replies[i] = Reply.error(e)
                 stats.invalid += 1
+                continue
+            if req.explain:
+                explains.append((i, batch, req.method))
                 continue
             batches.append(batch)
             owners.append(i)
@@ -245,12 +293,21 @@ class Predictor:
             merged = FeatureBatch.concat(batches, f)
             probs = self.backend.predict(merged)
             stats.forward_seconds = time.perf_counter() - t1
-            stats.rows = merged.batch_size
+            stats.rows += merged.batch_size
             start = 0
             for i, batch in zip(owners, batches):
                 stop = start + batch.batch_size
                 replies[i] = Reply(200, predictions_body(probs[start:stop]))
                 start = stop
+        t2 = time.perf_counter()
+        for i, batch, method in explains:
+            try:
+                replies[i] = self.explain(batch, method)
+                stats.rows += batch.batch_size
+            except DLRMServeError as e:
+                replies[i] = Reply.error(e)
+                stats.invalid += 1
+        stats.forward_seconds += time.perf_counter() - t2
         return replies, stats  # every slot is filled: an error reply or predictions
 
 

@@ -43,7 +43,9 @@ class DLRMHandler(BaseHandler):
         model_dir = context.system_properties["model_dir"]
         self.settings = read_settings(getattr(context, "model_yaml_config", None))
         self.backend = load_backend(model_dir, self.settings["backend"], threads=self.settings["threads"])
-        self.predictor = Predictor(self.backend, max_rows=self.settings["max_rows"])
+        self.predictor = Predictor(
+            self.backend, max_rows=self.settings["max_rows"], explain_max_rows=self.settings["explain_max_rows"]
+        )
         if self.settings["touch_tables"]:
             start = time.perf_counter()
             touched = touch_backend_tables(self.backend)
