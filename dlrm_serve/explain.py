@@ -57,6 +57,7 @@ __all__ = [
     "explain_command",
     "spearman",
     "planted_effects",
+    "planted_rows",
     "planted_check",
 ]
 
@@ -66,7 +67,7 @@ METHODS = ("integrated_gradients", "feature_ablation")
 DEFAULT_METHOD = "integrated_gradients"
 # Gauss-Legendre points of Integrated Gradients.  Measured by bench/bench_explain.py
 # on the trained demo model: the smallest count with |delta| < 0.01 (logit) for 95% of rows.
-N_STEPS = 16
+N_STEPS = 48
 # Most rows one explain request may carry: a row costs N_STEPS forward and backward
 # passes, and explanations share the worker with predictions.
 EXPLAIN_MAX_ROWS = 256
@@ -419,27 +420,30 @@ def planted_effects(planted, dense: np.ndarray, values: np.ndarray, references: 
     return np.asarray(out)
 
 
-def planted_check(
-    artifacts: str | os.PathLike, seed: int, rows: int = 2000, method: str = DEFAULT_METHOD, sample_seed: int = 99
-) -> dict:
-    """Explain fresh rows of the planted model behind synthetic training data, compare with its truth.
-
-    ``seed``: the seed the training data was generated with (``dlrm-serve
-    train --seed``).  Returns the features, the model's mean |attribution|
-    per feature, the planted effects (:func:`planted_effects`), their
-    Spearman correlation, the |delta| of every row and the features without
-    a planted effect (under 5% of the largest) with their rank by attribution.
-    """
-    from .backends import load_backend
+def planted_rows(config, seed: int, rows: int, sample_seed: int = 99) -> tuple:
+    """``(planted model, its rows, their FeatureBatch)``: fresh rows of the planted model behind
+    synthetic training data of ``config`` and ``seed`` (``dlrm-serve train --seed``), held out by
+    construction (drawn from their own random stream)."""
     from .codecs import decode_tsv
     from .data import PlantedModel, vocab_sizes_for
     from .features import FeatureEncoder
 
-    explainer = explainer_for(load_backend(artifacts, "torch"))
-    cfg = explainer.config
-    planted = PlantedModel(seed, cfg.num_dense, vocab_sizes_for(cfg), cfg.table_sizes)
+    planted = PlantedModel(seed, config.num_dense, vocab_sizes_for(config), config.table_sizes)
     sample = planted.sample(rows, np.random.default_rng([seed, sample_seed]))
-    batch = decode_tsv("".join(planted.lines(sample, labelled=False)), FeatureEncoder(cfg), max_rows=rows)
+    batch = decode_tsv("".join(planted.lines(sample, labelled=False)), FeatureEncoder(config), max_rows=rows)
+    return planted, sample, batch
+
+
+def planted_check(explainer: "Explainer", seed: int, rows: int = 2000, method: str = DEFAULT_METHOD) -> dict:
+    """Explain fresh rows of the planted model behind the training data, compare with its truth.
+
+    Returns the features, the model's mean |attribution| per feature, the
+    planted effects (:func:`planted_effects`), their Spearman correlation,
+    the |delta| of every row, and the features without a planted effect
+    (under 5% of the largest) with their rank by mean |attribution| (1 = top).
+    """
+    cfg = explainer.config
+    planted, sample, batch = planted_rows(cfg, seed, rows)
     attrs, deltas = [], []
     for start in range(0, rows, explainer.max_rows):
         part = batch.slice(start, min(rows, start + explainer.max_rows), cfg.num_sparse)
