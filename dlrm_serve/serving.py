@@ -38,9 +38,11 @@ JSON_TYPE = "application/json"
 # or TorchServe's own gRPC client input.
 BODY_KEYS = ("body", "data")
 # Inputs next to the payload that ask for an explanation (gRPC has no explain
-# call) and pick its method; REST query parameters arrive the same way.
+# call) and pick its method.  Over REST the method comes as a header instead:
+# TorchServe does not hand query parameters to the handler.
 EXPLAIN_KEY = "explain"
 METHOD_KEY = "method"
+METHOD_HEADER = "x-explain-method"
 
 
 # ----- settings: the ``dlrm:`` section of model-config.yaml ------------------------
@@ -188,17 +190,20 @@ def request_of(item, context, idx: int) -> Request:
 
     The payload is the input ``body`` or ``data`` (or the only input).  An
     input ``explain`` (true/false) asks for explanations as TorchServe's
-    explanation routes do, and ``method`` picks their method; both also come
-    as REST query parameters.  Raises :class:`InvalidInput` when the item
+    explanation routes do, and an input ``method`` (or REST's header
+    ``X-Explain-Method``) picks their method.  Raises :class:`InvalidInput` when the item
     holds several inputs and none is named ``body`` or ``data``.
     """
     explain = context is not None and str(_header(context, idx, "explain") or "").lower() == "true"
+    header = _header(context, idx, METHOD_HEADER) if context is not None else None
+    method = _text_input(header) if header else None
     if not isinstance(item, dict):
-        return Request(item, None, explain)
+        return Request(item, None, explain, method)
     options = {k: item[k] for k in (EXPLAIN_KEY, METHOD_KEY) if k in item}
     if EXPLAIN_KEY in options:
         explain = explain or _explain_input(options[EXPLAIN_KEY])
-    method = _text_input(options[METHOD_KEY]) if METHOD_KEY in options else None
+    if METHOD_KEY in options:
+        method = _text_input(options[METHOD_KEY])
     if options and len(options) < len(item):
         item = {k: v for k, v in item.items() if k not in options}
     if not item:

@@ -228,10 +228,17 @@ def test_bad_explain_requests_get_a_400_naming_the_problem(backend):
     assert stats.invalid == 4
 
 
-def test_the_grpc_explain_input_and_query_parameters_mark_a_request():
+def test_the_grpc_explain_input_and_the_method_header_mark_a_request():
     class Ctx:  # TorchServe's context as request_of reads it: no explain header (gRPC)
         def get_request_header(self, idx, name):
             return None
+
+    class Rest(Ctx):  # POST /explanations with X-Explain-Method
+        def get_all_request_header(self, idx):
+            return {"explain": "True", "X-Explain-Method": "feature_ablation", "Content-Type": "text/plain"}
+
+    req = request_of({"body": "1\t2"}, Rest(), 0)
+    assert req.explain and req.method == "feature_ablation" and req.content_type == "text/plain"
 
     req = request_of({"data": bytearray(b"1\t2"), "explain": bytearray(b"true")}, Ctx(), 0)
     assert req.explain and req.body == bytearray(b"1\t2") and req.method is None

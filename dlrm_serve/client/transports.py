@@ -300,12 +300,10 @@ class RestTransport:
         return r.content
 
     def explain(self, model: str, version: str | None, payload: Payload, key: str | None, method: str | None = None) -> bytes:
-        """``POST /explanations/{model}``, with ``?method=`` when one is asked for."""
+        """``POST /explanations/{model}``, with the header ``X-Explain-Method`` when a method is asked for."""
         url = f"{self.inference_url}/explanations/{_q(model)}" + (f"/{_q(version)}" if version else "")
-        params = {"method": method} if method else None
-        r = self._send(
-            "POST", url, key, self.timeout, data=payload.body, params=params, headers={"Content-Type": payload.content_type}
-        )
+        headers = {"Content-Type": payload.content_type, **({"X-Explain-Method": method} if method else {})}
+        r = self._send("POST", url, key, self.timeout, data=payload.body, headers=headers)
         return r.content
 
     def ping(self, key: str | None) -> str:
