@@ -194,14 +194,13 @@ class Explainer:
         zeros = (torch.zeros_like(self.baseline_dense), torch.zeros_like(self.baseline_sparse))
         self.missing_logit = float(self._logits(*zeros)[0])
 
-    def _logits(self, dense, pooled):
-        # The head in the model's own dtype; logits come back as float32 [B].
-        torch = self._torch
-        with torch.no_grad():
-            return self.model.head(dense.to(self._dtype), pooled.to(self._dtype)).float()
-
     def _forward(self, dense, pooled):
+        # The head in the model's own dtype; logits come back as float32 [B].
         return self.model.head(dense.to(self._dtype), pooled.to(self._dtype)).float()
+
+    def _logits(self, dense, pooled):
+        with self._torch.no_grad():
+            return self._forward(dense, pooled)
 
     def inputs(self, batch) -> tuple:
         """The explained inputs of a :class:`FeatureBatch`: dense ``[B, num_dense]``, pooled ``[B, F, D]``."""
