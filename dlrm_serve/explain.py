@@ -67,7 +67,7 @@ METHODS = ("integrated_gradients", "feature_ablation")
 DEFAULT_METHOD = "integrated_gradients"
 # Gauss-Legendre points of Integrated Gradients.  Measured by bench/bench_explain.py
 # on the trained demo model: the smallest count with |delta| < 0.01 (logit) for 95% of rows.
-N_STEPS = 48
+N_STEPS = 40
 # Most rows one explain request may carry: a row costs N_STEPS forward and backward
 # passes, and explanations share the worker with predictions.
 EXPLAIN_MAX_ROWS = 256
