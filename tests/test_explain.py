@@ -318,3 +318,19 @@ def test_explain_command_writes_explanations_and_a_global_chart(trained, tmp_pat
     assert (tmp_path / "global.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert cli.main(["explain", "--artifacts", str(trained), str(src), "--out", str(out), "--method", "nope"]) == 2
 
+
+
+def test_multi_hot_bags_are_explained_as_their_pooled_vector(backend, explainer):
+    rows = instances(4, seed=7)
+    rows[0]["sparse"][2] = ["0a1b2c3d", "1f2e3d4c", "0a1b2c3d"]  # a bag of three ids, one repeated
+    rows[1]["sparse"][5] = []  # the empty bag: missing
+    batch = FeatureEncoder(TINY).encode_instances(rows)
+    assert batch.offsets is not None
+    out = explainer.explain(batch)
+    np.testing.assert_allclose([e["prediction"] for e in out], backend.predict(batch), atol=1e-6, rtol=0)
+    sums = np.array([sum(e["attributions"].values()) for e in out])
+    want = logit([e["prediction"] for e in out]) - explainer.baseline_logit
+    np.testing.assert_allclose(sums - want, [e["delta"] for e in out], atol=2e-4)
+    ablation = explainer.explain(batch, "feature_ablation")
+    assert ablation[1]["attributions"]["C6"] == 0.0  # the empty bag is already the missing value
+    assert ablation[0]["attributions"]["C3"] != 0.0
