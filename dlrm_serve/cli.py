@@ -239,8 +239,24 @@ def _add_explain(sub) -> None:
     p.set_defaults(func=run)
 
 
+def _add_baseline(sub) -> None:
+    p = sub.add_parser(
+        "baseline", help="store the explanation baseline (mean model input) of a data file in artifacts made without training"
+    )
+    p.add_argument("data", help="representative rows: Criteo TSV (.gz ok) or JSON lines")
+    p.add_argument("--artifacts", default="artifacts")
+    p.add_argument("--rows", type=int, default=None, help="use only the first N rows")
+
+    def run(args):
+        from .explain import baseline_command
+
+        baseline_command(args)
+
+    p.set_defaults(func=run)
+
+
 # Subcommands of later features register here, one function each.
-REGISTRY: list[Callable] = [_add_train, _add_generate, _add_score, _add_import, _add_check, _add_init, _add_quantize, _add_predict, _add_models, _add_export_onnx, _add_explain]
+REGISTRY: list[Callable] = [_add_train, _add_generate, _add_score, _add_import, _add_check, _add_init, _add_quantize, _add_predict, _add_models, _add_export_onnx, _add_explain, _add_baseline]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -55,6 +55,8 @@ __all__ = [
     "global_importance",
     "explain_file",
     "explain_command",
+    "write_baseline",
+    "baseline_command",
     "spearman",
     "planted_effects",
     "planted_rows",
@@ -350,6 +352,39 @@ def explain_file(
         done += batch.batch_size
         if limit is not None and done >= limit:
             return
+
+
+def write_baseline(artifacts: str | os.PathLike, data_path: str | os.PathLike, rows: int | None = None) -> int:
+    """Compute the baseline over (the first ``rows``) rows of a data file and store it in the artifacts.
+
+    For artifacts made without training data here (imported checkpoints,
+    ``dlrm-serve init``).  ``dlrm.safetensors`` is rewritten (atomically)
+    with the two baseline tensors added; returns the number of rows used.
+    """
+    from .artifacts import load_model, load_weights, save_artifacts
+    from .features import FeatureEncoder
+    from .score import iter_batches
+
+    model = load_model(artifacts)
+    acc = BaselineAccumulator(model.config)
+    for batch in iter_batches(data_path, FeatureEncoder(model.config), 65536):
+        if rows is not None and acc.rows + batch.batch_size > rows:
+            batch = batch.slice(0, rows - acc.rows, model.config.num_sparse)
+        acc.add(batch.dense, batch.indices)
+        if rows is not None and acc.rows >= rows:
+            break
+    extra = acc.tensors(model)
+    # Keep any other stored extras; the model's own tensors are rewritten unchanged.
+    kept = {k: v for k, v in load_weights(artifacts).items() if k.startswith("explain.") and k not in extra}
+    save_artifacts(model, artifacts, extra={**kept, **extra})
+    return acc.rows
+
+
+def baseline_command(args) -> None:
+    """``dlrm-serve baseline``: store the explanation baseline of a data file in the artifacts."""
+    n = write_baseline(args.artifacts, args.data, args.rows)
+    print(f"stored the explanation baseline of {n} rows in {args.artifacts} (re-export ONNX graphs if any: "
+          "`dlrm-serve export-onnx --if-needed`)")
 
 
 def explain_command(args) -> None:

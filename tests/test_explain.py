@@ -334,3 +334,22 @@ def test_multi_hot_bags_are_explained_as_their_pooled_vector(backend, explainer)
     ablation = explainer.explain(batch, "feature_ablation")
     assert ablation[1]["attributions"]["C6"] == 0.0  # the empty bag is already the missing value
     assert ablation[0]["attributions"]["C3"] != 0.0
+
+
+def test_baseline_command_gives_artifacts_without_one_the_mean_input_baseline(trained, tmp_path):
+    torch.manual_seed(0)
+    art = tmp_path / "imported"
+    save_artifacts(DLRM(TINY), art)
+    rows = instances(40, seed=8)
+    src = tmp_path / "rows.tsv"
+    src.write_text(tsv(rows))
+    assert cli.main(["baseline", "--artifacts", str(art), str(src), "--rows", "30"]) == 0
+    check_artifacts(art)
+    ex = Explainer(load_backend(art, "torch"))
+    assert ex.baseline_source == "artifacts"
+    batch = FeatureEncoder(TINY).encode_instances(rows[:30])
+    np.testing.assert_allclose(ex.baseline_dense[0].numpy(), batch.dense.mean(axis=0), rtol=1e-5, atol=1e-6)
+    # C1's baseline: the mean of its pooled embeddings over the 30 rows (missing = zeros).
+    with torch.no_grad():
+        pooled = ex.model.sparse_arch(torch.from_numpy(batch.indices), None if batch.offsets is None else torch.from_numpy(batch.offsets), 30)
+    np.testing.assert_allclose(ex.baseline_sparse[0, 0].numpy(), pooled[:, 0].mean(dim=0).numpy(), atol=1e-6)
