@@ -211,7 +211,7 @@ class Explainer:
         offsets = None if batch.offsets is None else torch.from_numpy(batch.offsets)
         with torch.no_grad():
             pooled = self.model.sparse_arch(torch.from_numpy(batch.indices), offsets, b, lead=0)
-        return torch.from_numpy(batch.dense).float(), pooled.float().detach()
+        return torch.from_numpy(batch.dense).float().clone(), pooled.float().clone()
 
     def check_rows(self, batch) -> None:
         if batch.batch_size > self.max_rows:
@@ -223,16 +223,17 @@ class Explainer:
     def attribute(self, batch, method: str = DEFAULT_METHOD) -> tuple[np.ndarray, np.ndarray]:
         """``(attributions float64 [B, num_dense + F], reference logit float64 [B])``."""
         torch = self._torch
-        dense, pooled = self.inputs(batch)
-        nd, f = dense.shape[1], pooled.shape[1]
-        with torch.enable_grad():
+        # Gradients even when a caller runs under inference_mode (which enable_grad cannot lift).
+        with torch.inference_mode(False), torch.enable_grad():
+            dense, pooled = self.inputs(batch)
+            nd, f = dense.shape[1], pooled.shape[1]
             if method == "integrated_gradients":
                 if self._ig is None:
                     from captum.attr import IntegratedGradients
 
                     self._ig = IntegratedGradients(self._forward)
                 a_dense, a_sparse = self._ig.attribute(
-                    (dense, pooled), baselines=(self.baseline_dense, self.baseline_sparse),
+                    (dense, pooled), baselines=(self.baseline_dense.clone(), self.baseline_sparse.clone()),
                     n_steps=self.n_steps, method="gausslegendre",
                 )
                 ref = self.baseline_logit

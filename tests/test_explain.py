@@ -353,3 +353,11 @@ def test_baseline_command_gives_artifacts_without_one_the_mean_input_baseline(tr
     with torch.no_grad():
         pooled = ex.model.sparse_arch(torch.from_numpy(batch.indices), None if batch.offsets is None else torch.from_numpy(batch.offsets), 30)
     np.testing.assert_allclose(ex.baseline_sparse[0, 0].numpy(), pooled[:, 0].mean(dim=0).numpy(), atol=1e-6)
+
+
+def test_explaining_works_inside_inference_mode(explainer):
+    batch = FeatureEncoder(TINY).encode_instances(instances(3, seed=9))
+    want = explainer.explain(batch)
+    with torch.inference_mode():
+        assert explainer.explain(batch) == want
+        assert explainer.explain(batch, "feature_ablation")[0]["method"] == "feature_ablation"
