@@ -25,6 +25,8 @@ __all__ = [
     "write_metrics",
     # From dlrm_serve.weights, imported (with torch) on first use:
     "expected_shapes",
+    "extra_shapes",
+    "EXTRA_PREFIX",
     "save_artifacts",
     "load_weights",
     "load_model",
@@ -34,8 +36,12 @@ __all__ = [
 WEIGHTS_FILE = "dlrm.safetensors"
 CONFIG_FILE = "dlrm.json"
 METRICS_FILE = "metrics.json"
+# Optional tensors stored beside the model's (not part of its state): the
+# explanation baseline, ``explain.dense_baseline`` [num_dense] and
+# ``explain.sparse_baseline`` [F, D] (see dlrm_serve.explain).
+EXTRA_PREFIX = "explain."
 
-_WEIGHTS_NAMES = {"expected_shapes", "save_artifacts", "load_weights", "load_model", "check_artifacts"}
+_WEIGHTS_NAMES = {"expected_shapes", "extra_shapes", "save_artifacts", "load_weights", "load_model", "check_artifacts"}
 
 
 def load_config(path: str | os.PathLike) -> DLRMConfig:

@@ -241,11 +241,49 @@ def _add_kserve(sub) -> None:
             args.max_rows = MAX_ROWS
         main_args(args)
 
+
+def _add_explain(sub) -> None:
+    p = sub.add_parser(
+        "explain", help="explain predictions offline: per-feature attributions (JSON lines), or --global N: a ranking and chart"
+    )
+    p.add_argument("input", help="Criteo TSV (labelled or not, .gz ok) or JSON lines of instances")
+    p.add_argument("--artifacts", default="artifacts")
+    p.add_argument("--out", required=True, help="JSON lines, one explanation per row; with --global, a markdown table")
+    p.add_argument(
+        "--method", default="integrated_gradients", help="integrated_gradients (default) or feature_ablation",
+    )
+    p.add_argument(
+        "--global", dest="global_rows", type=int, default=None, metavar="N",
+        help="explain the first N rows and write the mean |attribution| per feature, sorted, plus a bar chart",
+    )
+    p.add_argument("--chart", default=None, help="the bar chart PNG of --global (default: --out with .png)")
+
+    def run(args):
+        from .explain import explain_command
+
+        explain_command(args)
+
+    p.set_defaults(func=run)
+
+
+def _add_baseline(sub) -> None:
+    p = sub.add_parser(
+        "baseline", help="store the explanation baseline (mean model input) of a data file in artifacts made without training"
+    )
+    p.add_argument("data", help="representative rows: Criteo TSV (.gz ok) or JSON lines")
+    p.add_argument("--artifacts", default="artifacts")
+    p.add_argument("--rows", type=int, default=None, help="use only the first N rows")
+
+    def run(args):
+        from .explain import baseline_command
+
+        baseline_command(args)
+
     p.set_defaults(func=run)
 
 
 # Subcommands of later features register here, one function each.
-REGISTRY: list[Callable] = [_add_train, _add_generate, _add_score, _add_import, _add_check, _add_init, _add_quantize, _add_predict, _add_models, _add_export_onnx, _add_kserve]
+REGISTRY: list[Callable] = [_add_train, _add_generate, _add_score, _add_import, _add_check, _add_init, _add_quantize, _add_predict, _add_models, _add_export_onnx, _add_kserve, _add_explain, _add_baseline]
 
 
 def build_parser() -> argparse.ArgumentParser:

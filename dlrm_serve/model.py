@@ -158,6 +158,12 @@ class SparseArch(nn.Module):
         sb = self.scale_bias.index_select(0, indices)
         return codes.to(torch.float32) * sb[:, :1] + sb[:, 1:]
 
+    def rows(self, indices: torch.Tensor) -> torch.Tensor:
+        """Table rows ``[N, D]`` of ids ``[N]`` (dequantised for int8 tables)."""
+        if self.table_dtype == "float32":
+            return self.weight.index_select(0, indices)
+        return self._rows(indices)
+
     def forward(
         self, indices: torch.Tensor, offsets: torch.Tensor | None, batch_size: int, lead: int = 0
     ) -> torch.Tensor:
@@ -279,6 +285,14 @@ class DLRM(nn.Module):
         lead = 1 if b >= STACK_MIN_BATCH else 0
         e = self.sparse_arch(indices, offsets, b, lead=lead)  # [B, lead+F, D]
         return self.over_arch(self.interaction(x, e))
+
+    def head(self, dense: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+        """Logits ``[B]`` from dense inputs ``[B, num_dense]`` and pooled lookups ``[B, F, D]``.
+
+        The model after the lookup: attributions differentiate this, so
+        gradients never reach the tables (:mod:`dlrm_serve.explain`).
+        """
+        return self.over_arch(self.interaction(self.dense_arch(dense), pooled))
 
     def forward(self, dense: torch.Tensor, indices: torch.Tensor, offsets: torch.Tensor | None = None) -> torch.Tensor:
         p = torch.sigmoid(self.logits(dense, indices, offsets))

@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .weights import load_model, save_artifacts
+from .artifacts import EXTRA_PREFIX
+from .weights import load_model, load_weights, save_artifacts
 from .config import DLRMConfig
 from .model import DLRM
 
@@ -68,7 +69,9 @@ def quantize_artifacts(src: str | os.PathLike, dst: str | os.PathLike, progress:
     if Path(src).resolve() == Path(dst).resolve():
         raise ValueError(f"write the int8 artifacts to another folder than {src}")
     model = quantize_model(load_model(src), progress=progress)
-    save_artifacts(model, dst)
+    # The explanation baseline (if any) carries over unchanged.
+    extra = {k: v for k, v in load_weights(src).items() if k.startswith(EXTRA_PREFIX)}
+    save_artifacts(model, dst, extra=extra)
     return model.config
 
 

@@ -22,6 +22,7 @@ from . import oip
 from .backends import Backend
 from .codecs import MAX_ROWS, decode_request, fast_request, predictions_body
 from .errors import DLRMServeError, InternalError, InvalidInput
+from .explain import EXPLAIN_MAX_ROWS
 from .features import FeatureBatch, FeatureEncoder
 from .placement import DEFAULT_MEMORY_SHARE, TABLE_POLICIES, parse_device
 
@@ -43,6 +44,11 @@ JSON_TYPE = "application/json"
 # Where TorchServe puts a request's payload: the raw REST body, a form field
 # or TorchServe's own gRPC client input.
 BODY_KEYS = ("body", "data")
+# Inputs and the header that ask for explanations (gRPC has no explain call, and
+# TorchServe passes no query parameters to handlers).
+EXPLAIN_KEY = "explain"
+METHOD_KEY = "method"
+METHOD_HEADER = "x-explain-method"
 
 
 # ----- settings: the ``dlrm:`` section of model-config.yaml ------------------------
@@ -108,6 +114,7 @@ SETTINGS: dict[str, tuple[Any, Callable[[str, Any], Any]]] = {
     "tables": ("auto", _tables),  # on a GPU: auto | device | host
     "gpu_memory_share": (DEFAULT_MEMORY_SHARE, _share),  # share of free GPU memory the tables may take
     "cuda_graphs": (True, _flag),  # torch on CUDA: graphs over padded batch-size buckets
+    "explain_max_rows": (EXPLAIN_MAX_ROWS, _positive_int),
 }
 
 
@@ -135,16 +142,18 @@ def read_settings(model_yaml_config: dict | None, cpu_count: int | None = None) 
 class Request:
     """One request's payload.
 
-    ``explain`` is set by TorchServe's explanation routes.  ``grpc`` marks a
-    request that came over TorchServe's gRPC APIs: its replies carry
-    ``ts_stream_next: false`` (StreamPredictions ends after one answer), and
-    an OIP body from there holds BYTES elements as base64.
+    ``explain`` is set by TorchServe's explanation routes (or an ``explain``
+    input); ``method`` is the explanation method asked for (None: the
+    default).  ``grpc`` marks a request that came over TorchServe's gRPC APIs:
+    its replies carry ``ts_stream_next: false`` (StreamPredictions ends after
+    one answer), and an OIP body from there holds BYTES elements as base64.
     """
 
     body: Any
     content_type: str | None = None
     explain: bool = False
     grpc: bool = False
+    method: str | None = None
 
 
 @dataclass
@@ -213,20 +222,47 @@ def _is_enveloped_json(item: dict) -> bool:
     return any(isinstance(item.get(k), list) for k in ("instances", "inputs", "dense", "sparse"))
 
 
+def _text_input(value: Any) -> str:
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value).decode("utf-8", "replace").strip()
+    return str(value).strip()
+
+
+def _explain_input(value: Any) -> bool:
+    text = _text_input(value).lower()
+    if text in ("true", "1", "yes"):
+        return True
+    if text in ("false", "0", "no", ""):
+        return False
+    raise InvalidInput(f"the input 'explain' must be true or false, got {text[:40]!r}")
+
+
 def request_of(item, context, idx: int) -> Request:
     """One item of TorchServe's ``data`` list as a library request.
 
-    Raises :class:`InvalidInput` when the item holds several inputs and none
-    is named ``body`` or ``data``.
+    The payload is the input ``body`` or ``data`` (or the only input).  An
+    input ``explain`` (true/false) asks for explanations as TorchServe's
+    explanation routes do, and an input ``method`` (or REST's header
+    ``X-Explain-Method``) picks their method.  Raises :class:`InvalidInput`
+    when the item holds several inputs and none is named ``body`` or ``data``.
     """
     explain_header = None if context is None else _header(context, idx, "explain")
     explain = str(explain_header or "").lower() == "true"
     # Every REST inference route of TorchServe adds the header "explain"; its gRPC APIs add none.
     grpc = context is not None and explain_header is None
+    header = _header(context, idx, METHOD_HEADER) if context is not None else None
+    method = _text_input(header) if header else None
     if not isinstance(item, dict):
-        return Request(item, None, explain, grpc)
+        return Request(item, None, explain, grpc, method)
     if _is_enveloped_json(item):
-        return Request(item, JSON_TYPE, explain, grpc)
+        return Request(item, JSON_TYPE, explain, grpc, method)
+    options = {k: item[k] for k in (EXPLAIN_KEY, METHOD_KEY) if k in item}
+    if EXPLAIN_KEY in options:
+        explain = explain or _explain_input(options[EXPLAIN_KEY])
+    if METHOD_KEY in options:
+        method = _text_input(options[METHOD_KEY])
+    if options and len(options) < len(item):
+        item = {k: v for k, v in item.items() if k not in options}
     if not item:
         # TorchServe parses form bodies (curl -d sends one) into fields and
         # drops a TSV line or binary data that does not look like a=b.
@@ -250,7 +286,7 @@ def request_of(item, context, idx: int) -> Request:
         # TorchServe already decoded a JSON scalar (a string, number or null);
         # give the codec the JSON text back so it reports what was sent.
         body = json.dumps(body).encode()
-    return Request(body, ctype, explain, grpc)
+    return Request(body, ctype, explain, grpc, method)
 
 
 # ----- the predictor -----------------------------------------------------------------
@@ -271,16 +307,35 @@ class Predictor:
     A request that cannot be decoded gets its own 4xx reply; the rest of the
     batch still runs, in one forward pass.  Bodies in the Open Inference
     Protocol (:mod:`dlrm_serve.oip`) are answered in OIP form, every other
-    body as ``{"predictions": [...]}``.
+    body as ``{"predictions": [...]}``.  Explain requests (``Request.explain``)
+    are decoded the same way and answered by :mod:`dlrm_serve.explain`, at
+    most ``explain_max_rows`` rows each.
     """
 
-    def __init__(self, backend: Backend, max_rows: int = MAX_ROWS, model_name: str = "dlrm", model_version: str = "1.0"):
+    def __init__(
+        self,
+        backend: Backend,
+        max_rows: int = MAX_ROWS,
+        model_name: str = "dlrm",
+        model_version: str = "1.0",
+        explain_max_rows: int = EXPLAIN_MAX_ROWS,
+    ):
         self.backend = backend
         self.config = backend.config
         self.encoder = FeatureEncoder(self.config)
         self.max_rows = max_rows
         self.model_name = model_name
         self.model_version = model_version
+        self.explain_max_rows = explain_max_rows
+        self._explainer = None  # made on the first explain request
+
+    def explain(self, batch: FeatureBatch, method: str | None) -> Reply:
+        """The reply to one explain request (a 400 when this backend cannot explain)."""
+        from .explain import explainer_for
+
+        if self._explainer is None:
+            self._explainer = explainer_for(self.backend, max_rows=self.explain_max_rows)
+        return Reply(200, self._explainer.answer(batch, method))
 
     def _decode(self, req: Request, kind: str, body: Any) -> tuple[FeatureBatch, "oip.OIPRequest | None"]:
         """``body`` as :func:`oip.classify` returned it for ``req``: model inputs and the OIP request, if any."""
@@ -328,6 +383,7 @@ class Predictor:
         replies: list[Reply | None] = [None] * len(requests)
         batches: list[FeatureBatch] = []
         owners: list[tuple[int, "oip.OIPRequest | None"]] = []
+        explains: list[tuple[int, FeatureBatch, str | None]] = []
         for i, req in enumerate(requests):
             kind = "other"
             try:
@@ -353,6 +409,9 @@ class Predictor:
                 ))
                 stats.invalid += 1
                 continue
+            if req.explain:
+                explains.append((i, batch, req.method))
+                continue
             batches.append(batch)
             owners.append((i, parsed))
         t1 = time.perf_counter()
@@ -362,7 +421,7 @@ class Predictor:
             merged = FeatureBatch.concat(batches, f)
             probs = self.backend.predict(merged)
             stats.forward_seconds = time.perf_counter() - t1
-            stats.rows = merged.batch_size
+            stats.rows += merged.batch_size
             start = 0
             for (i, parsed), batch in zip(owners, batches):
                 stop = start + batch.batch_size
@@ -372,6 +431,15 @@ class Predictor:
                     body = oip.response_body(probs[start:stop], self.model_name, self.model_version, parsed.id)
                 replies[i] = self._headers(requests[i], Reply(200, body))
                 start = stop
+        t2 = time.perf_counter()
+        for i, batch, method in explains:
+            try:
+                replies[i] = self._headers(requests[i], self.explain(batch, method))
+                stats.rows += batch.batch_size
+            except DLRMServeError as e:
+                replies[i] = self._headers(requests[i], Reply.error(e))
+                stats.invalid += 1
+        stats.forward_seconds += time.perf_counter() - t2
         return replies, stats  # every slot is filled: an error reply or predictions
 
 

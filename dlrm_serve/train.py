@@ -52,6 +52,7 @@ __all__ = [
     "batch_tensors",
     "predict_rows",
     "new_model",
+    "explanation_baseline",
     "make_optimizers",
     "train_step",
     "synthetic_data",
@@ -408,7 +409,7 @@ def train(options: TrainOptions, log: Callable[[str], None] = print) -> dict:
     }
     if oracle_metrics is not None:
         metrics["oracle_auc"], metrics["oracle_logloss"] = oracle_metrics
-    save_artifacts(model, options.out, metrics)
+    save_artifacts(model, options.out, metrics, extra=explanation_baseline(model, train_parts()))
     log(
         f"wrote {Path(options.out) / 'dlrm.safetensors'}, dlrm.json and {METRICS_FILE}: "
         f"test AUC {_fmt(metrics['test_auc'])}, logloss {metrics['test_logloss']:.4f}"
@@ -416,6 +417,16 @@ def train(options: TrainOptions, log: Callable[[str], None] = print) -> dict:
         + f", {metrics['seconds']:.1f} s"
     )
     return metrics
+
+
+def explanation_baseline(model: DLRM, parts: Iterator[Rows]) -> dict[str, torch.Tensor]:
+    """The mean model input over the training rows, stored for explanations (:mod:`dlrm_serve.explain`)."""
+    from .explain import BaselineAccumulator
+
+    acc = BaselineAccumulator(model.config)
+    for rows in parts:
+        acc.add(rows.dense, rows.ids)
+    return acc.tensors(model)
 
 
 def new_model(config: DLRMConfig, seed: int) -> DLRM:

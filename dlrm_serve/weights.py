@@ -18,12 +18,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .artifacts import CONFIG_FILE, WEIGHTS_FILE, load_config, write_metrics
+from .artifacts import CONFIG_FILE, EXTRA_PREFIX, WEIGHTS_FILE, load_config, write_metrics
 from .config import DLRMConfig
 from .errors import ArtifactError
 from .model import DLRM
 
-__all__ = ["expected_shapes", "save_artifacts", "load_weights", "load_model", "check_artifacts"]
+__all__ = ["expected_shapes", "extra_shapes", "save_artifacts", "load_weights", "load_model", "check_artifacts"]
 
 
 def expected_shapes(config: DLRMConfig) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
@@ -33,11 +33,25 @@ def expected_shapes(config: DLRMConfig) -> dict[str, tuple[tuple[int, ...], torc
     return {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items()}
 
 
-def save_artifacts(model: DLRM, out_dir: str | os.PathLike, metrics: dict | None = None) -> Path:
-    """Write ``dlrm.safetensors`` and ``dlrm.json`` (and ``metrics.json``) into ``out_dir``."""
+def extra_shapes(config: DLRMConfig) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Name -> (shape, dtype) of the optional tensors ``dlrm.safetensors`` may hold."""
+    return {
+        EXTRA_PREFIX + "dense_baseline": ((config.num_dense,), torch.float32),
+        EXTRA_PREFIX + "sparse_baseline": ((config.num_sparse, config.embedding_dim), torch.float32),
+    }
+
+
+def save_artifacts(
+    model: DLRM, out_dir: str | os.PathLike, metrics: dict | None = None, extra: dict[str, torch.Tensor] | None = None
+) -> Path:
+    """Write ``dlrm.safetensors`` and ``dlrm.json`` (and ``metrics.json``) into ``out_dir``.
+
+    ``extra``: optional tensors of :func:`extra_shapes` stored with the weights.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    tensors.update({k: v.detach().to(torch.float32).contiguous() for k, v in (extra or {}).items()})
     tmp = out / (WEIGHTS_FILE + ".tmp")
     # One metadata key: safetensors orders several at random, and identical runs should give identical files.
     save_file(tensors, str(tmp), metadata={"dlrm_serve_config": model.config.to_json()})
@@ -64,8 +78,11 @@ def load_weights(artifacts_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
 def _compare(config: DLRMConfig, tensors: dict[str, Any]) -> list[str]:
     problems = []
     want = expected_shapes(config)
-    for name, (shape, dtype) in want.items():
+    optional = extra_shapes(config)
+    for name, (shape, dtype) in {**want, **optional}.items():
         if name not in tensors:
+            if name in optional:
+                continue
             problems.append(f"missing tensor {name!r} (expected shape {list(shape)}, {dtype})")
             continue
         got = tensors[name]
@@ -73,7 +90,7 @@ def _compare(config: DLRMConfig, tensors: dict[str, Any]) -> list[str]:
             problems.append(f"tensor {name!r} has shape {list(got.shape)}, the config implies {list(shape)}")
         elif got.dtype != dtype:
             problems.append(f"tensor {name!r} has dtype {got.dtype}, the config implies {dtype}")
-    for name in sorted(set(tensors) - set(want)):
+    for name in sorted(set(tensors) - set(want) - set(optional)):
         problems.append(f"unexpected tensor {name!r} (not part of the model the config describes)")
     return problems
 
@@ -98,7 +115,8 @@ def load_model(artifacts_dir: str | os.PathLike) -> DLRM:
         raise ArtifactError(f"{Path(artifacts_dir)} is inconsistent:\n  - " + "\n  - ".join(problems))
     model = DLRM(config, init=False)
     # assign=True keeps the mapped tensors themselves instead of copying into fresh ones.
-    model.load_state_dict(tensors, strict=True, assign=True)
+    state = {k: v for k, v in tensors.items() if not k.startswith(EXTRA_PREFIX)}
+    model.load_state_dict(state, strict=True, assign=True)
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)

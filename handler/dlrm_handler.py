@@ -49,7 +49,10 @@ class DLRMHandler(BaseHandler):
             model_dir, self.settings["backend"], threads=self.settings["threads"], **backend_options(self.settings, placement)
         )
         model = self.manifest.get("model", {})
-        self.predictor = Predictor(self.backend, self.settings["max_rows"], model.get("modelName", "dlrm"), model.get("modelVersion", "1.0"))
+        self.predictor = Predictor(
+            self.backend, self.settings["max_rows"], model.get("modelName", "dlrm"), model.get("modelVersion", "1.0"),
+            explain_max_rows=self.settings["explain_max_rows"],
+        )
         if self.settings["touch_tables"]:
             start = time.perf_counter()
             touched = touch_backend_tables(self.backend)

@@ -302,16 +302,21 @@ DEVICE_DEFAULTS = {"device": "auto", "tables": "auto", "gpu_memory_share": 0.8, 
 def test_read_settings():
     from dlrm_serve.serving import read_settings as read
 
+    from dlrm_serve.explain import EXPLAIN_MAX_ROWS
+
     assert read({}, cpu_count=4) == {
         "backend": "torch", "max_rows": MAX_ROWS, "threads": 4, "touch_tables": False, "metrics_interval": 1.0,
         **DEVICE_DEFAULTS,
+        "explain_max_rows": EXPLAIN_MAX_ROWS,
     }
     assert read({"maxWorkers": 2}, cpu_count=4)["threads"] == 2
     assert read({"maxWorkers": 8}, cpu_count=2)["threads"] == 1
     assert read({"dlrm": {"backend": "onnxruntime", "max_rows": 10, "threads": 3, "metrics_interval": 0}}) == {
         "backend": "onnxruntime", "max_rows": 10, "threads": 3, "touch_tables": False, "metrics_interval": 0.0,
         **DEVICE_DEFAULTS,
+        "explain_max_rows": EXPLAIN_MAX_ROWS,
     }
+    assert read({"dlrm": {"explain_max_rows": 32}})["explain_max_rows"] == 32
     assert read({"dlrm": {"touch_tables": True}})["touch_tables"] is True
     for bad, match in [
         ({"dlrm": {"max_rows": 0}}, "max_rows"),
@@ -321,6 +326,7 @@ def test_read_settings():
         ({"dlrm": {"metrics_interval": -1}}, "metrics_interval"),
         ({"dlrm": {"metrics_interval": "1s"}}, "metrics_interval"),
         ({"dlrm": {"touch_tables": "yes"}}, "touch_tables"),
+        ({"dlrm": {"explain_max_rows": 0}}, "explain_max_rows"),
         ({"dlrm": {"batch": 1}}, "unknown keys"),
         ({"dlrm": [1]}, "mapping"),
     ]:

@@ -32,6 +32,7 @@ import numpy as np
 from ..artifacts import load_config
 from ..config import DLRMConfig
 from ..errors import AuthError, DLRMServeError, InvalidInput, ServerError
+from ..explain import EXPLAIN_MAX_ROWS
 from ..features import FeatureEncoder
 from . import payloads
 from .keys import Keys
@@ -308,6 +309,33 @@ class Client:
                 raise better from None
 
         return ordered_map(run, enumerate(jobs), self.concurrency)
+
+    def explain(self, rows: Any, *, method: str | None = None, payload: str | None = None) -> list[dict]:
+        """Explanations of ``rows`` (as :meth:`predict` takes them), one dict per row, in order.
+
+        Each holds ``prediction``, ``baseline``, ``method``, ``delta`` and
+        ``attributions`` (feature -> logit contribution); see docs/explanations.md.
+        REST calls ``/explanations``; gRPC sends the input ``explain`` next to
+        ``data``.  ``method``: ``integrated_gradients`` (default) or
+        ``feature_ablation``.  Requests carry at most ``rows_per_request`` and
+        :data:`~dlrm_serve.explain.EXPLAIN_MAX_ROWS` rows.
+        """
+        kind = payloads.rows_kind(rows)
+        n = payloads.count_rows(rows, kind)
+        fmt = payload or self._format(kind)
+        step = min(self.rows_per_request, EXPLAIN_MAX_ROWS)
+        out: list[dict] = []
+        for start in range(0, n, step):
+            part = payloads.encode_rows(
+                payloads.slice_rows(rows, kind, start, min(n, start + step)), kind, fmt, self.encoder, first_row=start
+            )
+            out += self._with_retries(
+                "inference",
+                lambda key: payloads.parse_explanations(
+                    self.transport.explain(self.model, self.version, part, key, method), part.rows
+                ),
+            )
+        return out
 
     # ----- health and management ----------------------------------------------
     def ping(self) -> str:

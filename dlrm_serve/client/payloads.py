@@ -36,6 +36,7 @@ __all__ = [
     "default_format",
     "encode_rows",
     "parse_predictions",
+    "parse_explanations",
     "error_for",
     "error_from_body",
 ]
@@ -234,7 +235,7 @@ def error_for(status: int, message: str, server_type: str | None = None) -> DLRM
 
 def error_from_body(obj: Any) -> DLRMServeError | None:
     """The error an answer body describes (``{"code", "type", "message"}``), or None."""
-    if not isinstance(obj, dict) or "predictions" in obj:
+    if not isinstance(obj, dict) or "predictions" in obj or "explanations" in obj:
         return None
     code = obj.get("code")
     message = obj.get("message")
@@ -242,6 +243,30 @@ def error_from_body(obj: Any) -> DLRMServeError | None:
         return None
     server_type = obj.get("type") if isinstance(obj.get("type"), str) else None
     return error_for(code, message, server_type)
+
+
+def _json_answer(body: bytes) -> Any:
+    """An answer body as JSON; an error body (gRPC answers them with OK) raises its error."""
+    try:
+        obj = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        shown = bytes(body[:200])
+        raise ServerError(f"the server answered with a body that is not JSON: {shown!r}") from None
+    err = error_from_body(obj)
+    if err is not None:
+        raise err
+    return obj
+
+
+def parse_explanations(body: bytes, rows: int | None) -> list[dict]:
+    """An explanation answer (``{"explanations": [...]}``) as its list, one dict per row."""
+    obj = _json_answer(body)
+    out = obj.get("explanations") if isinstance(obj, dict) else None
+    if not isinstance(out, list) or not all(isinstance(e, dict) for e in out):
+        raise ServerError(f"the server's answer has no 'explanations' list: {str(obj)[:200]}")
+    if rows is not None and len(out) != rows:
+        raise ServerError(f"sent {rows} rows but the server answered {len(out)} explanations")
+    return out
 
 
 def parse_predictions(body: bytes, rows: int | None) -> np.ndarray:
@@ -252,14 +277,7 @@ def parse_predictions(body: bytes, rows: int | None) -> np.ndarray:
     An error body with a success status (gRPC drops per-request status codes,
     so a 400 arrives as an OK answer) raises the same error REST would.
     """
-    try:
-        obj = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        shown = bytes(body[:200])
-        raise ServerError(f"the server answered with a body that is not JSON: {shown!r}") from None
-    err = error_from_body(obj)
-    if err is not None:
-        raise err
+    obj = _json_answer(body)
     preds = obj.get("predictions") if isinstance(obj, dict) else None
     if not isinstance(preds, list):
         raise ServerError(f"the server's answer has no 'predictions' list: {str(obj)[:200]}")

@@ -194,6 +194,13 @@ class GrpcTransport:
         resp = self._call(self._inference.Predictions, req, key, self.timeout, f"gRPC {self.inference_target}")
         return resp.prediction
 
+    def explain(self, model: str, version: str | None, payload: Payload, key: str | None, method: str | None = None) -> bytes:
+        """Explanations over gRPC: the inputs ``explain`` (and ``method``) next to ``data``."""
+        inputs = {"data": payload.body, "explain": b"true"}
+        if method:
+            inputs["method"] = method.encode()
+        return self.predict_inputs(model, version, inputs, key)
+
     def ping(self, key: str | None) -> str:
         resp = self._call(self._inference.Ping, self._pb.empty_pb2.Empty(), key, self.timeout, f"gRPC {self.inference_target}")
         value = parse_management(resp.health)
@@ -290,6 +297,13 @@ class RestTransport:
     def predict(self, model: str, version: str | None, payload: Payload, key: str | None) -> bytes:
         url = f"{self.inference_url}/predictions/{_q(model)}" + (f"/{_q(version)}" if version else "")
         r = self._send("POST", url, key, self.timeout, data=payload.body, headers={"Content-Type": payload.content_type})
+        return r.content
+
+    def explain(self, model: str, version: str | None, payload: Payload, key: str | None, method: str | None = None) -> bytes:
+        """``POST /explanations/{model}``, with the header ``X-Explain-Method`` when a method is asked for."""
+        url = f"{self.inference_url}/explanations/{_q(model)}" + (f"/{_q(version)}" if version else "")
+        headers = {"Content-Type": payload.content_type, **({"X-Explain-Method": method} if method else {})}
+        r = self._send("POST", url, key, self.timeout, data=payload.body, headers=headers)
         return r.content
 
     def ping(self, key: str | None) -> str:
