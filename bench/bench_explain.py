@@ -11,7 +11,7 @@ the planted click model behind that data:
    timed in interleaved rounds with the plain 50-row forward pass and a
    GEMM, so ratios survive a busy machine.
 3. Truth: each feature's mean |attribution| against its planted effect
-   (:func:`~dlrm_serve.explain.planted_effects`), Spearman rank correlation,
+   (:func:`~dlrm_serve.explain_tools.planted_effects`), Spearman rank correlation,
    and where the features without a planted effect rank; for fp32 and int8 tables.
 
 Writes ``bench/results/explain.md`` and ``explain.png`` (attribution vs truth)
@@ -35,14 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import gemm_gflops, machine_line, markdown_table, save_plot, time_interleaved, write_markdown  # noqa: E402
 
 from dlrm_serve.backends import load_backend  # noqa: E402
-from dlrm_serve.explain import (  # noqa: E402
-    N_STEPS,
-    Explainer,
-    global_importance,
-    importance_chart,
-    planted_check,
-    planted_rows,
-)
+from dlrm_serve.explain import N_STEPS, Explainer  # noqa: E402
+from dlrm_serve.explain_tools import global_importance, importance_chart, planted_check, planted_rows  # noqa: E402
 from dlrm_serve.quantize import quantize_artifacts  # noqa: E402
 from dlrm_serve.train import TrainOptions, train  # noqa: E402
 

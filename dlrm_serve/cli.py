@@ -259,7 +259,7 @@ def _add_explain(sub) -> None:
     p.add_argument("--chart", default=None, help="the bar chart PNG of --global (default: --out with .png)")
 
     def run(args):
-        from .explain import explain_command
+        from .explain_tools import explain_command
 
         explain_command(args)
 
@@ -275,7 +275,7 @@ def _add_baseline(sub) -> None:
     p.add_argument("--rows", type=int, default=None, help="use only the first N rows")
 
     def run(args):
-        from .explain import baseline_command
+        from .explain_tools import baseline_command
 
         baseline_command(args)
 

@@ -20,12 +20,8 @@ from dlrm_serve.backends import load_backend
 from dlrm_serve.codecs import encode_binary
 from dlrm_serve.config import DEMO_TABLE_SIZES, DLRMConfig
 from dlrm_serve.errors import ArtifactError, DLRMServeError
-from dlrm_serve.explain import (
-    Explainer,
-    global_importance,
-    planted_check,
-    spearman,
-)
+from dlrm_serve.explain import Explainer
+from dlrm_serve.explain_tools import global_importance, planted_check, spearman
 from dlrm_serve.features import FeatureEncoder
 from dlrm_serve.model import DLRM
 from dlrm_serve.quantize import quantize_artifacts
