@@ -10,7 +10,7 @@ import argparse
 import json
 import sys
 
-from .core import DEFAULT_CONCURRENCY, DEFAULT_ROWS_PER_REQUEST, Client, connect
+from .core import DEFAULT_CONCURRENCY, DEFAULT_RETRIES, DEFAULT_ROWS_PER_REQUEST, Client, connect
 from .files import predict_file
 from .payloads import FORMATS
 
@@ -37,7 +37,13 @@ def add_connection_options(p: argparse.ArgumentParser, default: str = "grpc") ->
         help="TorchServe's key_file.json (default: $DLRM_SERVE_KEY_FILE, else ./key_file.json if present; "
         "keys may also come from $DLRM_SERVE_INFERENCE_KEY, $DLRM_SERVE_MANAGEMENT_KEY, $DLRM_SERVE_API_KEY)",
     )
-    g.add_argument("--timeout", type=float, default=60.0, help="seconds per request (default: 60)")
+    g.add_argument(
+        "--timeout",
+        type=float,
+        default=None,
+        help="seconds per prediction before it is sent again (default: 10 s + 2 ms per row, so a "
+        "request lost with a dead worker is retried within seconds)",
+    )
 
 
 def add_predict_options(p: argparse.ArgumentParser) -> None:
@@ -59,7 +65,13 @@ def add_predict_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--rows-per-request", type=int, default=DEFAULT_ROWS_PER_REQUEST, help=f"rows per request (default: {DEFAULT_ROWS_PER_REQUEST})")
     p.add_argument("--concurrency", type=int, default=DEFAULT_CONCURRENCY, help=f"requests in flight (default: {DEFAULT_CONCURRENCY})")
-    p.add_argument("--retries", type=int, default=4, help="retries of a request the server refused as unavailable (default: 4)")
+    p.add_argument(
+        "--retries",
+        type=int,
+        default=DEFAULT_RETRIES,
+        help="times a request is sent again after a full queue (503), a dead worker, a reset or a timeout, "
+        f"with exponential backoff and jitter (default: {DEFAULT_RETRIES})",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 

@@ -185,13 +185,19 @@ class GrpcTransport:
         except self._grpc.RpcError as e:
             raise error_from_grpc(e, what) from None
 
-    def predict(self, model: str, version: str | None, payload: Payload, key: str | None) -> bytes:
-        return self.predict_inputs(model, version, {"data": payload.body}, key)
+    def predict(
+        self, model: str, version: str | None, payload: Payload, key: str | None, timeout: float | None = None
+    ) -> bytes:
+        """One prediction; ``timeout`` seconds (default: the transport's)."""
+        return self.predict_inputs(model, version, {"data": payload.body}, key, timeout)
 
-    def predict_inputs(self, model: str, version: str | None, inputs: dict[str, bytes], key: str | None) -> bytes:
+    def predict_inputs(
+        self, model: str, version: str | None, inputs: dict[str, bytes], key: str | None, timeout: float | None = None
+    ) -> bytes:
         """``Predictions`` with a free-form input map (TorchServe's own client sends ``data``)."""
         req = self._pb.inference_pb2.PredictionsRequest(model_name=model, model_version=version or "", input=inputs)
-        resp = self._call(self._inference.Predictions, req, key, self.timeout, f"gRPC {self.inference_target}")
+        t = self.timeout if timeout is None else timeout
+        resp = self._call(self._inference.Predictions, req, key, t, f"gRPC {self.inference_target}")
         return resp.prediction
 
     def ping(self, key: str | None) -> str:
@@ -237,12 +243,34 @@ class GrpcTransport:
 def _requests_error(e: Exception, url: str) -> DLRMServeError:
     import requests
 
-    if isinstance(e, requests.exceptions.ConnectTimeout) or isinstance(e, requests.exceptions.ConnectionError):
+    if isinstance(e, requests.exceptions.ConnectTimeout):
         # Like gRPC's UNAVAILABLE: nothing reached the server, so a retry is safe.
         return ServerError(f"cannot reach {url}: {type(e).__name__}", status=503)
+    if isinstance(e, requests.exceptions.ConnectionError) and _reset(e):
+        # The request may have been sent; predictions are idempotent, so the client retries it.
+        return ServerError(f"the connection to {url} was lost (reset by the server)", status=503)
+    if isinstance(e, requests.exceptions.ConnectionError):
+        return ServerError(f"cannot reach {url}: {type(e).__name__}", status=503)
+    if isinstance(e, requests.exceptions.ChunkedEncodingError):
+        return ServerError(f"the connection to {url} was lost mid-answer", status=503)
     if isinstance(e, requests.exceptions.Timeout):
         return ServerError(f"{url} did not answer in time", status=504)
     return ServerError(f"request to {url} failed: {e}")
+
+
+def _reset(e: BaseException) -> bool:
+    """Whether a requests error was caused by a reset or dropped connection."""
+    seen = 0
+    while e is not None and seen < 8:
+        if isinstance(e, (ConnectionResetError, BrokenPipeError, ConnectionAbortedError)):
+            return True
+        if "RemoteDisconnected" in type(e).__name__ or "Connection aborted" in str(e):
+            return True
+        args = getattr(e, "args", ())
+        inner = args[0] if args and isinstance(args[0], BaseException) else None
+        e = getattr(e, "reason", None) or inner or e.__cause__ or e.__context__
+        seen += 1
+    return False
 
 
 class RestTransport:
@@ -287,9 +315,13 @@ class RestTransport:
             raise error_from_http(r.status_code, r.content, f"{method} {url}")
         return r
 
-    def predict(self, model: str, version: str | None, payload: Payload, key: str | None) -> bytes:
+    def predict(
+        self, model: str, version: str | None, payload: Payload, key: str | None, timeout: float | None = None
+    ) -> bytes:
+        """One prediction; ``timeout`` seconds (default: the transport's)."""
         url = f"{self.inference_url}/predictions/{_q(model)}" + (f"/{_q(version)}" if version else "")
-        r = self._send("POST", url, key, self.timeout, data=payload.body, headers={"Content-Type": payload.content_type})
+        t = self.timeout if timeout is None else timeout
+        r = self._send("POST", url, key, t, data=payload.body, headers={"Content-Type": payload.content_type})
         return r.content
 
     def ping(self, key: str | None) -> str:
