@@ -320,6 +320,8 @@ class FakeRpcError(grpc.RpcError):
         (grpc.StatusCode.INTERNAL, "Model not found: m\norg.pytorch.serve.archive.model.ModelNotFoundException", ServerError, 404),
         (grpc.StatusCode.INTERNAL, "Parameter model_name is required.\nBadRequestException.()", InvalidInput, 400),
         (grpc.StatusCode.INTERNAL, "busy\norg.pytorch.serve.http.ServiceUnavailableException", ServerError, 503),
+        # A killed worker: REST 507, gRPC RESOURCE_EXHAUSTED; a server error to retry, not a too-large request.
+        (grpc.StatusCode.RESOURCE_EXHAUSTED, "Worker died.", ServerError, 507),
     ],
 )
 def test_grpc_status_mapping(code, details, kind, status):
@@ -373,7 +375,7 @@ def test_an_unavailable_error_body_is_retried_like_rest_503():
 @pytest.mark.parametrize(
     "failure, reason",
     [
-        (ServerError("Worker died.", status=500), "worker died"),
+        (ServerError("Worker died.", status=507), "worker died"),
         (ServerError("http://x did not answer in time", status=504), "timeout"),
         (ServerError("the connection to http://x was lost (reset by the server)", status=503), "connection"),
     ],
@@ -382,10 +384,19 @@ def test_lost_requests_are_retried(failure, reason):
     # A killed worker, a timeout or a reset: the request may be unanswered; predictions are idempotent.
     t = FakeTransport(failures=[failure, failure])
     c = client(t, config=CFG)
-    inst = make_instances(3)
+    inst = make_instances(3)  # two failures: within every limit
     np.testing.assert_array_equal(c.predict(inst), expected(inst))
     assert len(t.calls) == 3 and c.stats["retries"] == 2
     assert c.stats["retry_reasons"] == {reason: 2}
+
+
+def test_a_request_that_keeps_killing_workers_is_given_up():
+    died = ServerError("Worker died.", status=507)
+    t = FakeTransport(failures=[died] * 5)
+    c = client(t, config=CFG)
+    with pytest.raises(ServerError, match="died 3 times"):
+        c.predict(make_instances(2))
+    assert len(t.calls) == 3
 
 
 def test_request_timeout_grows_with_rows_from_a_floor():

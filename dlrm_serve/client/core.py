@@ -9,8 +9,8 @@ last) and reassembles the answers in input order.
 Predictions are idempotent, so a request that may not have been answered is
 sent again (:func:`retryable`): a full queue or an unreachable server (HTTP
 503, gRPC ``UNAVAILABLE``), a lost connection, a timeout (504,
-``DEADLINE_EXCEEDED``) and a worker that died under it (TorchServe's 500
-"Worker died.", gRPC ``INTERNAL``).  Retries back off exponentially with
+``DEADLINE_EXCEEDED``) and a worker that died under it (TorchServe's
+"Worker died.": REST 507, gRPC ``RESOURCE_EXHAUSTED``).  Retries back off exponentially with
 jitter, a bounded number of times.  Each request's timeout grows with its
 rows from a floor (:meth:`Client.request_timeout`), so a request lost with
 a killed worker is sent again within seconds.  Keys are renewed shortly
@@ -44,7 +44,7 @@ from ..features import FeatureEncoder
 from . import payloads
 from .keys import Keys
 from .payloads import Payload
-from .transports import DEFAULT_MAX_MESSAGE_BYTES, GrpcTransport, RestTransport, fetch_token
+from .transports import DEFAULT_MAX_MESSAGE_BYTES, WORKER_DIED, GrpcTransport, RestTransport, fetch_token
 
 __all__ = [
     "Client",
@@ -55,13 +55,17 @@ __all__ = [
     "DEFAULT_ROWS_PER_REQUEST",
     "DEFAULT_CONCURRENCY",
     "DEFAULT_RETRIES",
+    "WORKER_DIED_RETRIES",
     "TIMEOUT_FLOOR_S",
     "TIMEOUT_PER_ROW_S",
 ]
 
 DEFAULT_ROWS_PER_REQUEST = 1024
 DEFAULT_CONCURRENCY = 4
-DEFAULT_RETRIES = 6
+DEFAULT_RETRIES = 8
+# A request whose worker died this many times is likely what kills it (a
+# poison request): stop sending it, instead of taking down a worker per try.
+WORKER_DIED_RETRIES = 2
 # A prediction's timeout: the floor plus this much per row.  1024 binary rows
 # take about 20 ms of worker time here; the rest covers waiting in a full
 # queue on a busy host.  A lost request is sent again after ~12 s, not 60.
@@ -74,15 +78,14 @@ def retryable(err: BaseException) -> bool:
     """Whether a failed prediction may have gone unanswered, so sending it again is right.
 
     Yes for a full queue or unreachable server (503), a timeout (504) and a
-    worker that died with the request (TorchServe's 500 "Worker died.").
-    No for anything the request itself caused (4xx), token refusals (handled
-    apart) and other server errors, which would fail again.
+    worker that died with the request (TorchServe's "Worker died.", REST 507,
+    gRPC ``RESOURCE_EXHAUSTED``).  No for anything the request itself caused
+    (4xx), token refusals (handled apart) and other server errors, which
+    would fail again.
     """
     if not isinstance(err, ServerError) or isinstance(err, AuthError):
         return False
-    if err.status in (503, 504):
-        return True
-    return err.status == 500 and "worker died" in err.message.lower()
+    return err.status in (503, 504) or WORKER_DIED in err.message.lower()
 
 
 def load_client_config(config: DLRMConfig | str | os.PathLike | None) -> DLRMConfig | None:
@@ -287,6 +290,7 @@ class Client:
     def _with_retries(self, kind: str, call: Callable[[str | None], Any]) -> Any:
         """``call(key)``, renewing the key once on a refusal and retrying :func:`retryable` failures."""
         attempt = 0
+        died = 0
         renewed = False
         while True:
             version = self.keys.version
@@ -302,6 +306,14 @@ class Client:
             except ServerError as e:
                 if not retryable(e) or attempt >= self.retries:
                     raise
+                if WORKER_DIED in e.message.lower():
+                    died += 1
+                    if died > WORKER_DIED_RETRIES:
+                        raise ServerError(
+                            f"{e.message} (the worker died {died} times under this request; "
+                            "not sent again, it may be what kills it)",
+                            status=e.status,
+                        ) from None
                 delay = min(self.max_backoff_s, self.backoff_s * (2**attempt))
                 self._sleep(delay * random.uniform(0.5, 1.0))
                 attempt += 1
@@ -496,7 +508,7 @@ def _reason(err: ServerError) -> str:
     """A short name for why a request was sent again (``stats["retry_reasons"]``)."""
     if err.status == 504:
         return "timeout"
-    if err.status == 500:
+    if WORKER_DIED in err.message.lower():
         return "worker died"
     return "connection" if "cannot reach" in err.message or "connection" in err.message.lower() else "unavailable"
 

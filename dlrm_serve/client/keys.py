@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -47,6 +48,8 @@ ENV_KEYS = {
 ENV_KEY_FILE = "DLRM_SERVE_KEY_FILE"
 _FILE_SECTIONS = {"inference": "inference", "management": "management", "api": "API"}
 
+
+_READ_TRIES = 6  # a half-written key file is read again, for up to ~0.3 s
 
 # Renew a key when a tenth of its lifetime is left (or the client's margin, if shorter).
 RENEW_FRACTION = 0.1
@@ -91,12 +94,17 @@ def parse_expiration(text: str | None) -> datetime | None:
 
 def read_key_file(path: str | os.PathLike) -> dict[str, Token]:
     """The tokens in a ``key_file.json``, keyed by kind (``inference``, ``management``, ``api``)."""
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except OSError as e:
-        raise AuthError(f"cannot read the key file {str(path)!r}: {e.strerror or e}") from None
-    except ValueError:
-        raise AuthError(f"the key file {str(path)!r} is not JSON (is TorchServe still writing it?)") from None
+    for attempt in range(_READ_TRIES):
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+            break
+        except OSError as e:
+            raise AuthError(f"cannot read the key file {str(path)!r}: {e.strerror or e}") from None
+        except ValueError:
+            # TorchServe rewrites the file in place when it issues a key: read again.
+            if attempt == _READ_TRIES - 1:
+                raise AuthError(f"the key file {str(path)!r} is not JSON (is TorchServe still writing it?)") from None
+            time.sleep(0.02 * (attempt + 1))
     if not isinstance(data, dict):
         raise AuthError(f"the key file {str(path)!r} is not a JSON object")
     out = {}

@@ -21,6 +21,7 @@ from .payloads import Payload, error_for, error_from_body
 
 __all__ = [
     "GRPC_TO_HTTP",
+    "WORKER_DIED",
     "DEFAULT_MAX_MESSAGE_BYTES",
     "GrpcTransport",
     "RestTransport",
@@ -67,6 +68,10 @@ def parse_management(text: str | bytes) -> Any:
 
 
 # ----- errors -------------------------------------------------------------------
+# TorchServe's message for the requests of a batch whose worker died (killed,
+# crashed, or restarted after responseTimeout): REST 507, gRPC RESOURCE_EXHAUSTED.
+WORKER_DIED = "worker died"
+
 def error_from_http(status: int, body: bytes, what: str = "the server") -> DLRMServeError:
     """The library's error for a REST answer that is not 200."""
     try:
@@ -113,6 +118,10 @@ def error_from_grpc(err: Any, what: str = "the server") -> DLRMServeError:
     status = GRPC_TO_HTTP.get(name, 500)
     if java_type in _JAVA_EXCEPTIONS and name in ("INTERNAL", "UNKNOWN"):
         status = _JAVA_EXCEPTIONS[java_type]
+    if WORKER_DIED in details.lower():
+        # REST answers 507 "Worker died."; gRPC turns that into RESOURCE_EXHAUSTED,
+        # which must not read as a request that is too large.
+        return ServerError(details, status=507)
     if status == 503:
         message = f"{what} is unavailable: {details}" if details else f"{what} is unavailable"
         return ServerError(message, status=503)
