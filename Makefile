@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test serve stop train java bench-model bench-serve bench-backends bench-scale clean
+.PHONY: setup test serve stop train java bench-model bench-serve bench-backends bench-scale soak clean
 
 setup: $(STAMP)
 
@@ -43,6 +43,13 @@ bench-backends: setup java
 
 bench-scale: setup java
 	$(PY) bench/bench_scale.py
+
+# Mixed traffic for SOAK_S seconds (default 600) on a TorchServe it starts from
+# config.properties; fails on any unexpected answer or worker RSS growth > 5%.
+# Report: bench/results/soak-*.md and .png.  SOAK_ARGS="--attach" uses make serve's server.
+SOAK_S ?= 600
+soak: setup java
+	$(PY) bench/soak.py --duration $(SOAK_S) $(SOAK_ARGS)
 
 clean:
 	rm -rf model_store/*.mar logs key_file.json .pytest_cache
