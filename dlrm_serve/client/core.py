@@ -10,8 +10,8 @@ Predictions are idempotent, so a request that may not have been answered is
 sent again (:func:`retryable`): a full queue or an unreachable server (HTTP
 503, gRPC ``UNAVAILABLE``), a lost connection, a timeout (504,
 ``DEADLINE_EXCEEDED``) and a worker that died under it (TorchServe's
-"Worker died.": REST 507, gRPC ``RESOURCE_EXHAUSTED``).  Retries back off exponentially with
-jitter, a bounded number of times.  Each request's timeout grows with its
+"Worker died.": REST 507, gRPC ``RESOURCE_EXHAUSTED``).  Retries back off
+exponentially with jitter, a bounded number of times.  Each request's timeout grows with its
 rows from a floor (:meth:`Client.request_timeout`), so a request lost with
 a killed worker is sent again within seconds.  Keys are renewed shortly
 before they expire, at most about once per key lifetime, and once more when
