@@ -129,3 +129,71 @@ def test_rolling_update_under_load_fails_no_request_and_rolls_back(torchserve, r
                 mgmt.unregister_model(NAME, d["modelVersion"])
         mgmt.unregister_model(NAME)
         mgmt.close()
+
+
+# ----- the steps and their failure paths, on a scripted management API ------------------------------------
+class FakeManagement:
+    """TorchServe's model versions as the management API shows them; workers come up after ``ready_after`` polls."""
+
+    def __init__(self, ready_after: int = 2, archive_version: str = "2.0"):
+        self.versions = {"1.0": {"ready": 2, "wanted": 2}}
+        self.default = "1.0"
+        self.ready_after = ready_after
+        self.archive_version = archive_version
+        self.calls: list[tuple] = []
+
+    def describe_model(self, name, version=None):
+        from dlrm_serve.errors import ServerError
+
+        if version == "all":
+            return [{"modelVersion": v} for v in self.versions]
+        v = version or self.default
+        if v not in self.versions:
+            raise ServerError(f"Model version not found: {v}", status=404)
+        entry = self.versions[v]
+        if entry["ready"] < entry["wanted"]:
+            entry["polls"] = entry.get("polls", 0) + 1
+            if entry["polls"] >= self.ready_after:
+                entry["ready"] = entry["wanted"]
+        workers = [{"status": "READY"}] * entry["ready"] + [{"status": "UNLOADING"}] * (entry["wanted"] - entry["ready"])
+        return [{"modelVersion": v, "minWorkers": entry["wanted"], "workers": workers}]
+
+    def register_model(self, url, name, **kw):
+        self.calls.append(("register", url))
+        self.versions[self.archive_version] = {"ready": 0, "wanted": 2}
+
+    def set_default(self, name, version):
+        self.calls.append(("set-default", version))
+        self.default = version
+
+    def unregister_model(self, name, version=None):
+        self.calls.append(("unregister", version))
+        del self.versions[version]
+
+
+def test_rolling_update_steps_in_order():
+    from dlrm_serve.client import rolling_update
+
+    m = FakeManagement(ready_after=3)
+    report = rolling_update(m, NAME, "v2.mar", "2.0", drain_s=0, poll_s=0, sleep=lambda s: None)
+    assert m.calls == [("register", "v2.mar"), ("set-default", "2.0"), ("unregister", "1.0")]
+    assert report.old_version == "1.0" and report.workers == 2 and report.unregistered
+    m = FakeManagement()
+    rolling_update(m, NAME, "v2.mar", "2.0", keep_old=True, poll_s=0, sleep=lambda s: None)
+    assert ("unregister", "1.0") not in m.calls and set(m.versions) == {"1.0", "2.0"} and m.default == "2.0"
+
+
+def test_rolling_update_that_cannot_finish_leaves_the_old_version_serving():
+    from dlrm_serve.client import rolling_update
+    from dlrm_serve.errors import ServerError
+
+    m = FakeManagement(ready_after=10**9)  # the new workers never come up
+    with pytest.raises(ServerError, match="0 of 2 workers READY"):
+        rolling_update(m, NAME, "v2.mar", "2.0", ready_timeout_s=0.05, poll_s=0.01)
+    assert m.default == "1.0" and set(m.versions) == {"1.0"}
+    m = FakeManagement(archive_version="3.0")  # the archive is not the version named
+    with pytest.raises(ServerError, match="holds dlrm_roll 3.0, not 2.0"):
+        rolling_update(m, NAME, "v3.mar", "2.0", poll_s=0, sleep=lambda s: None)
+    assert m.default == "1.0" and set(m.versions) == {"1.0"}
+    with pytest.raises(ServerError, match="already the default"):
+        rolling_update(FakeManagement(), NAME, "v1.mar", "1.0")

@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 from ..errors import DLRMServeError, ServerError
 
-__all__ = ["UpdateReport", "default_version", "ready_workers", "rolling_update"]
+__all__ = ["UpdateReport", "default_version", "ready_workers", "rolling_update", "versions"]
 
 
 @dataclass
@@ -60,6 +60,11 @@ def default_version(client: Any, name: str) -> str | None:
     return None
 
 
+def versions(client: Any, name: str) -> set[str]:
+    """Every registered version of ``name``."""
+    return {str(e["modelVersion"]) for e in _entries(client.describe_model(name, "all")) if e.get("modelVersion") is not None}
+
+
 def ready_workers(client: Any, name: str, version: str) -> tuple[int, int]:
     """(READY workers, workers wanted) of one version."""
     ready, wanted = 0, 0
@@ -68,6 +73,14 @@ def ready_workers(client: Any, name: str, version: str) -> tuple[int, int]:
         ready += sum(1 for w in workers if isinstance(w, dict) and w.get("status") == "READY")
         wanted = max(wanted, int(entry.get("minWorkers") or 0), 1)
     return ready, wanted
+
+
+def _quietly(fn: Callable, *args: Any) -> None:
+    """Clean-up after a failure: its own errors must not hide the first one."""
+    try:
+        fn(*args)
+    except DLRMServeError:
+        pass
 
 
 def rolling_update(
@@ -87,9 +100,10 @@ def rolling_update(
     """Replace model ``name`` by archive ``url`` (whose manifest version is ``version``) with no downtime.
 
     Raises :class:`ServerError` when the new version is already registered,
-    does not come up READY within ``ready_timeout_s`` (it is then
-    unregistered again and the old version keeps serving), or when the
-    archive's version is not ``version``.
+    when the archive's version is not ``version``, or when the new version
+    does not come up READY within ``ready_timeout_s``; in the last two cases
+    what was registered is unregistered again and the old version keeps
+    serving as before.
     """
     say = log or (lambda msg: None)
     clock = time.monotonic
@@ -98,23 +112,27 @@ def rolling_update(
         raise ServerError(f"{name} version {version} is already the default; nothing to update", status=409)
     report = UpdateReport(name, old, str(version))
     t0 = clock()
+    before = versions(client, name)
+    if str(version) in before:
+        raise ServerError(f"{name} version {version} is already registered (unregister it or pick another version)", status=409)
     say(f"registering {url} as {name} {version} beside {old}")
     client.register_model(url, name, initial_workers=initial_workers, synchronous=True)
     report.seconds["register"] = clock() - t0
+    added = versions(client, name) - before
+    if str(version) not in added:
+        for v in added:  # what the archive really holds goes away again
+            _quietly(client.unregister_model, name, v)
+        found = ", ".join(sorted(added)) or "an unknown version"
+        raise ServerError(
+            f"{url} holds {name} {found}, not {version}: pass the archive's own version "
+            "(build it with ./build_mar.sh --version V)",
+            status=409,
+        )
     try:
         t1 = clock()
         deadline = t1 + ready_timeout_s
         while True:
-            try:
-                ready, wanted = ready_workers(client, name, str(version))
-            except DLRMServeError as e:
-                if e.status == 404:
-                    raise ServerError(
-                        f"{url} registered, but {name} has no version {version}: the archive's version differs "
-                        "(build it with ./build_mar.sh --version V)",
-                        status=409,
-                    ) from None
-                raise
+            ready, wanted = ready_workers(client, name, str(version))
             if ready >= wanted:
                 break
             if clock() > deadline:
@@ -127,10 +145,7 @@ def rolling_update(
     except BaseException:
         # The old version was never replaced: take the half-started one away.
         if default_version(client, name) != str(version):
-            try:
-                client.unregister_model(name, str(version))
-            except DLRMServeError:
-                pass
+            _quietly(client.unregister_model, name, str(version))
         raise
     say(f"{name} {version} is the default")
     if old is not None and not keep_old:
