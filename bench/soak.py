@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -427,6 +428,10 @@ def main(argv=None) -> int:
     plot(records, samples, interval, stem.with_suffix(".png"), warmup)
     print(text)
     print(f"soak: wrote {stem}.md and {stem}.png")
+    if verdict.ok:
+        shutil.rmtree(work, ignore_errors=True)
+    else:
+        print(f"soak: the server's start folder and logs are kept in {work}")
     return 0 if verdict.ok else 1
 
 
