@@ -8,7 +8,7 @@ GPU ?=
 STAMP := $(VENV)/.installed$(if $(filter 1,$(GPU)),-gpu)
 REQUIREMENTS := $(if $(filter 1,$(GPU)),requirements-gpu.txt,requirements.txt)
 
-.PHONY: setup test serve stop train java bench-decode bench-model bench-serve bench-backends bench-scale clean
+.PHONY: setup test serve stop train java bench-decode bench-model bench-serve bench-backends bench-scale soak clean
 
 setup: $(STAMP)
 
@@ -52,6 +52,13 @@ bench-backends: setup java
 
 bench-scale: setup java
 	$(PY) bench/bench_scale.py
+
+# Mixed traffic for SOAK_S seconds (default 600) on a TorchServe it starts from
+# config.properties; fails on any unexpected answer or worker RSS growth > 5%.
+# Report: bench/results/soak-*.md and .png.  SOAK_ARGS="--attach" uses make serve's server.
+SOAK_S ?= 600
+soak: setup java
+	$(PY) bench/soak.py --duration $(SOAK_S) $(SOAK_ARGS)
 
 clean:
 	rm -rf model_store/*.mar logs key_file.json .pytest_cache

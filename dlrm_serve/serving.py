@@ -36,6 +36,7 @@ __all__ = [
     "request_of",
     "content_type_of",
     "SETTINGS",
+    "hang_if_marked",
 ]
 
 logger = logging.getLogger(__name__)
@@ -115,6 +116,7 @@ SETTINGS: dict[str, tuple[Any, Callable[[str, Any], Any]]] = {
     "gpu_memory_share": (DEFAULT_MEMORY_SHARE, _share),  # share of free GPU memory the tables may take
     "cuda_graphs": (True, _flag),  # torch on CUDA: graphs over padded batch-size buckets
     "explain_max_rows": (EXPLAIN_MAX_ROWS, _positive_int),
+    "fault_hang_on": ("", _string),  # TEST-ONLY fault hook, see hang_if_marked; "" (off) in every built archive
 }
 
 
@@ -135,6 +137,26 @@ def read_settings(model_yaml_config: dict | None, cpu_count: int | None = None) 
         workers = yaml_config.get("maxWorkers") or yaml_config.get("minWorkers") or 1
         out["threads"] = max(1, (cpu_count or os.cpu_count() or 1) // max(1, int(workers)))
     return out
+
+
+def hang_if_marked(requests: Sequence[Any], marker: str, seconds: float = 3600.0) -> None:
+    """TEST-ONLY fault hook: hang the batch when a request body contains ``marker``.
+
+    ``marker`` is ``dlrm.fault_hang_on`` of model-config.yaml.  build_mar.sh
+    never sets it, so on a normal archive it is empty and no request can
+    trigger this; the fault tests set it in a copy of an archive to check that
+    TorchServe's ``responseTimeout`` restarts a worker whose batch hangs.
+    """
+    if not marker:
+        return
+    needle = marker.encode("utf-8")
+    for req in requests:
+        body = getattr(req, "body", None)
+        if isinstance(body, str):
+            body = body.encode("utf-8", errors="replace")
+        if isinstance(body, (bytes, bytearray)) and needle in body:
+            time.sleep(seconds)
+            return
 
 
 # ----- requests and replies ----------------------------------------------------------

@@ -28,7 +28,7 @@ from dlrm_serve.backends import load_backend
 from dlrm_serve.errors import DLRMServeError
 from dlrm_serve.memory import touch_backend_tables
 from dlrm_serve.placement import backend_options, place_worker
-from dlrm_serve.serving import MetricsWindow, Predictor, read_settings, request_of
+from dlrm_serve.serving import MetricsWindow, Predictor, hang_if_marked, read_settings, request_of
 
 __all__ = ["DLRMHandler"]
 
@@ -77,6 +77,7 @@ class DLRMHandler(BaseHandler):
                 requests.append(request_of(item, context, idx))
             except DLRMServeError as e:
                 requests.append(e)
+        hang_if_marked(requests, self.settings["fault_hang_on"])  # test-only; off unless the archive sets it
         try:
             replies, stats = self.predictor.handle(requests)
         except DLRMServeError as e:

@@ -98,13 +98,15 @@ class FakeTransport:
         self.accept_key = accept_key
         self.delay = delay
         self.calls = []  # (key, rows of the payload)
+        self.timeouts = []
         self.lock = threading.Lock()
         self.in_flight = 0
         self.max_in_flight = 0
         self.rng = np.random.default_rng(0)
 
-    def predict(self, model, version, payload: Payload, key):
+    def predict(self, model, version, payload: Payload, key, timeout=None):
         with self.lock:
+            self.timeouts.append(timeout)
             self.calls.append((key, payload.rows))
             self.in_flight += 1
             self.max_in_flight = max(self.max_in_flight, self.in_flight)
@@ -318,6 +320,8 @@ class FakeRpcError(grpc.RpcError):
         (grpc.StatusCode.INTERNAL, "Model not found: m\norg.pytorch.serve.archive.model.ModelNotFoundException", ServerError, 404),
         (grpc.StatusCode.INTERNAL, "Parameter model_name is required.\nBadRequestException.()", InvalidInput, 400),
         (grpc.StatusCode.INTERNAL, "busy\norg.pytorch.serve.http.ServiceUnavailableException", ServerError, 503),
+        # A killed worker: REST 507, gRPC RESOURCE_EXHAUSTED; a server error to retry, not a too-large request.
+        (grpc.StatusCode.RESOURCE_EXHAUSTED, "Worker died.", ServerError, 507),
     ],
 )
 def test_grpc_status_mapping(code, details, kind, status):
@@ -343,7 +347,7 @@ def test_retries_unavailable_with_growing_backoff():
 
 @pytest.mark.parametrize(
     "failure",
-    [ServerError("Prediction failed", status=500), InvalidInput("bad"), ServerError("timeout", status=504), ServerError("nf", status=404)],
+    [ServerError("Prediction failed", status=500), InvalidInput("bad"), ServerError("nf", status=404), AuthError("no", status=403)],
 )
 def test_other_errors_are_not_retried(failure):
     t = FakeTransport(failures=[failure])
@@ -356,16 +360,54 @@ def test_other_errors_are_not_retried(failure):
 def test_an_unavailable_error_body_is_retried_like_rest_503():
     # gRPC drops the status, so a 503 may arrive as a body with an OK status.
     class BodyOnce(FakeTransport):
-        def predict(self, model, version, payload, key):
+        def predict(self, model, version, payload, key, timeout=None):
             if not self.calls:
                 self.calls.append((key, payload.rows))
                 return json.dumps({"code": 503, "type": "ServiceUnavailableException", "message": "no worker"}).encode()
-            return super().predict(model, version, payload, key)
+            return super().predict(model, version, payload, key, timeout)
 
     t = BodyOnce()
     inst = make_instances(2)
     np.testing.assert_array_equal(client(t, config=CFG).predict(inst), expected(inst))
     assert len(t.calls) == 2
+
+
+@pytest.mark.parametrize(
+    "failure, reason",
+    [
+        (ServerError("Worker died.", status=507), "worker died"),
+        (ServerError("http://x did not answer in time", status=504), "timeout"),
+        (ServerError("the connection to http://x was lost (reset by the server)", status=503), "connection"),
+    ],
+)
+def test_lost_requests_are_retried(failure, reason):
+    # A killed worker, a timeout or a reset: the request may be unanswered; predictions are idempotent.
+    t = FakeTransport(failures=[failure, failure])
+    c = client(t, config=CFG)
+    inst = make_instances(3)  # two failures: within every limit
+    np.testing.assert_array_equal(c.predict(inst), expected(inst))
+    assert len(t.calls) == 3 and c.stats["retries"] == 2
+    assert c.stats["retry_reasons"] == {reason: 2}
+
+
+def test_a_request_that_keeps_killing_workers_is_given_up():
+    died = ServerError("Worker died.", status=507)
+    t = FakeTransport(failures=[died] * 5)
+    c = client(t, config=CFG)
+    with pytest.raises(ServerError, match="died 3 times"):
+        c.predict(make_instances(2))
+    assert len(t.calls) == 3
+
+
+def test_request_timeout_grows_with_rows_from_a_floor():
+    t = FakeTransport()
+    c = client(t, config=CFG, rows_per_request=1000, timeout_floor_s=5.0, timeout_per_row_s=0.01)
+    c.predict(make_instances(1001))
+    assert sorted(t.timeouts) == [5.0 + 0.01, 5.0 + 10.0]
+    fixed = client(FakeTransport(), config=CFG, timeout_s=3.0)
+    assert fixed.request_timeout(10_000) == 3.0
+    with pytest.raises(ValueError, match="timeout_floor_s"):
+        client(t, timeout_floor_s=-1)
 
 
 def test_retries_give_up_after_the_limit():
@@ -407,6 +449,39 @@ class FakeTokenApi:
         n = len(self.calls)
         write_key_file(self.key_file, f"fresh-{n}", datetime.now(timezone.utc) + timedelta(hours=1))
         return self.answer
+
+
+def test_short_lived_keys_are_renewed_once_per_lifetime(tmp_path):
+    # A 60 s key: renewed when 6 s are left, not 60 s before (which would be every request).
+    kf = tmp_path / "key_file.json"
+    now = datetime.now(timezone.utc)
+    write_key_file(kf, "k", now + timedelta(seconds=60))
+    keys = Keys(key_file=kf)
+    assert keys.token("inference").margin(60.0) == pytest.approx(6.0, abs=0.1)
+    assert not keys.due("inference", 60.0, now=now + timedelta(seconds=50))
+    assert keys.due("inference", 60.0, now=now + timedelta(seconds=55))
+    # A one-hour key keeps the 60 s margin.
+    write_key_file(kf, "long", now + timedelta(hours=1))
+    keys.reload()
+    assert keys.token("inference").margin(60.0) == 60.0
+
+
+def test_renewals_per_key_life_stay_at_one(tmp_path):
+    kf = tmp_path / "key_file.json"
+    write_key_file(kf, "k0", datetime.now(timezone.utc) + timedelta(seconds=1.0))
+    n = {"i": 0}
+
+    def token_api(url, api_key, kind, timeout=30.0):
+        n["i"] += 1
+        write_key_file(kf, f"k{n['i']}", datetime.now(timezone.utc) + timedelta(seconds=1.0))
+
+    c = client(FakeTransport(), config=CFG, keys=Keys(key_file=kf), token_url="http://x", fetch_token=token_api, rows_per_request=1)
+    start = time.monotonic()
+    while time.monotonic() - start < 2.5:
+        c.predict(make_instances(2))
+        time.sleep(0.01)
+    # 2.5 s of 1 s keys: 2 or 3 renewals, not one per request.
+    assert 2 <= c.stats["token_renewals"] <= 3
 
 
 def test_parse_java_instant():

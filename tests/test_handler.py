@@ -308,6 +308,7 @@ def test_read_settings():
         "backend": "torch", "max_rows": MAX_ROWS, "threads": 4, "touch_tables": False, "metrics_interval": 1.0,
         **DEVICE_DEFAULTS,
         "explain_max_rows": EXPLAIN_MAX_ROWS,
+        "fault_hang_on": "",
     }
     assert read({"maxWorkers": 2}, cpu_count=4)["threads"] == 2
     assert read({"maxWorkers": 8}, cpu_count=2)["threads"] == 1
@@ -315,6 +316,7 @@ def test_read_settings():
         "backend": "onnxruntime", "max_rows": 10, "threads": 3, "touch_tables": False, "metrics_interval": 0.0,
         **DEVICE_DEFAULTS,
         "explain_max_rows": EXPLAIN_MAX_ROWS,
+        "fault_hang_on": "",
     }
     assert read({"dlrm": {"explain_max_rows": 32}})["explain_max_rows"] == 32
     assert read({"dlrm": {"touch_tables": True}})["touch_tables"] is True

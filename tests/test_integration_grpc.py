@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import grpc
@@ -133,10 +134,11 @@ def test_a_key_renewed_elsewhere_is_picked_up_from_the_key_file(torchserve, make
 def test_an_expiring_key_is_renewed_with_the_api_key(torchserve, make_rows, expected):
     rows = make_rows(2, seed=25)
     try:
-        # A margin longer than the key's life: the key counts as expiring, so the
-        # client renews it through GET /token before the request.
-        with make_client(torchserve, "rest", token_margin_s=10**9) as c:
+        # A key the client knows to be past its expiry: it renews it through
+        # GET /token before the request.
+        with make_client(torchserve, "rest") as c:
             before = c.keys.get("inference")
+            c.keys.set("inference", before, expires=datetime.now(timezone.utc) - timedelta(seconds=1))
             np.testing.assert_allclose(c.predict(rows.instances), expected(rows.instances), atol=1e-6, rtol=0)
             assert c.stats["token_renewals"] == 1
             assert c.keys.get("inference") != before

@@ -97,3 +97,21 @@ def test_row_alone_equals_row_in_batch(predictor):
 def test_too_many_rows_is_a_400(predictor):
     replies, _ = predictor.handle([Request({"instances": rows(101)}, "application/json")])
     assert replies[0].status == 400 and "at most 100" in replies[0].body["message"]
+
+
+def test_the_test_only_hang_hook_is_off_unless_a_marker_is_set(monkeypatch):
+    import time as time_module
+
+    from dlrm_serve import serving
+
+    slept = []
+    monkeypatch.setattr(time_module, "sleep", slept.append)
+    reqs = [Request("1\t2\tmarker-x\n", "text/plain"), Request(b"marker-x", None), Request({"instances": []}, "application/json")]
+    serving.hang_if_marked(reqs, "")  # the default of every built archive
+    assert slept == []
+    assert serving.read_settings({})["fault_hang_on"] == ""
+    serving.hang_if_marked(reqs[2:], "marker-x")  # decoded JSON bodies never match
+    assert slept == []
+    serving.hang_if_marked(reqs[1:2], "marker-x", seconds=7.0)
+    serving.hang_if_marked(reqs[:1], "marker-x", seconds=8.0)
+    assert slept == [7.0, 8.0]

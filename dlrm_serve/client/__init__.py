@@ -4,6 +4,8 @@
   probabilities, chunked and pipelined; ``ping``; model management.
 - :class:`Keys`: TorchServe's tokens from code, the environment or
   ``key_file.json``, renewed through the token API when they expire.
+- :func:`rolling_update`: replace a served model version with no failed
+  requests (``dlrm-serve models update``).
 - :func:`predict_file`: stream a Criteo TSV or JSON-lines file of any size
   (``dlrm-serve predict``).
 
@@ -20,6 +22,7 @@ from .core import DEFAULT_CONCURRENCY, DEFAULT_ROWS_PER_REQUEST, Client, connect
 from .files import PredictStats, predict_file
 from .keys import ENV_KEY_FILE, ENV_KEYS, Keys
 from .payloads import FORMATS, Payload, parse_predictions
+from .rolling import UpdateReport, rolling_update
 from .transports import GrpcTransport, RestTransport
 
 __all__ = [
@@ -36,6 +39,8 @@ __all__ = [
     "parse_predictions",
     "predict_file",
     "PredictStats",
+    "rolling_update",
+    "UpdateReport",
     "DEFAULT_ROWS_PER_REQUEST",
     "DEFAULT_CONCURRENCY",
     "DLRMServeError",

@@ -10,9 +10,10 @@ import argparse
 import json
 import sys
 
-from .core import DEFAULT_CONCURRENCY, DEFAULT_ROWS_PER_REQUEST, Client, connect
+from .core import DEFAULT_CONCURRENCY, DEFAULT_RETRIES, DEFAULT_ROWS_PER_REQUEST, Client, connect
 from .files import predict_file
 from .payloads import FORMATS
+from .rolling import rolling_update
 
 __all__ = ["add_connection_options", "add_predict_options", "add_models_subcommands", "client_from_args", "predict_command", "models_command"]
 
@@ -37,7 +38,13 @@ def add_connection_options(p: argparse.ArgumentParser, default: str = "grpc") ->
         help="TorchServe's key_file.json (default: $DLRM_SERVE_KEY_FILE, else ./key_file.json if present; "
         "keys may also come from $DLRM_SERVE_INFERENCE_KEY, $DLRM_SERVE_MANAGEMENT_KEY, $DLRM_SERVE_API_KEY)",
     )
-    g.add_argument("--timeout", type=float, default=60.0, help="seconds per request (default: 60)")
+    g.add_argument(
+        "--timeout",
+        type=float,
+        default=None,
+        help="seconds per prediction before it is sent again (default: 10 s + 2 ms per row, so a "
+        "request lost with a dead worker is retried within seconds)",
+    )
 
 
 def add_predict_options(p: argparse.ArgumentParser) -> None:
@@ -59,7 +66,13 @@ def add_predict_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--rows-per-request", type=int, default=DEFAULT_ROWS_PER_REQUEST, help=f"rows per request (default: {DEFAULT_ROWS_PER_REQUEST})")
     p.add_argument("--concurrency", type=int, default=DEFAULT_CONCURRENCY, help=f"requests in flight (default: {DEFAULT_CONCURRENCY})")
-    p.add_argument("--retries", type=int, default=4, help="retries of a request the server refused as unavailable (default: 4)")
+    p.add_argument(
+        "--retries",
+        type=int,
+        default=DEFAULT_RETRIES,
+        help="times a request is sent again after a full queue (503), a dead worker, a reset or a timeout, "
+        f"with exponential backoff and jitter (default: {DEFAULT_RETRIES})",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -134,6 +147,19 @@ def add_models_subcommands(p: argparse.ArgumentParser) -> None:
     s.add_argument("name")
     s.add_argument("version")
 
+    s = sub.add_parser(
+        "update",
+        help="rolling update: register a new version beside the old, wait for its workers, "
+        "make it the default, unregister the old once drained",
+    )
+    s.add_argument("name")
+    s.add_argument("--archive", required=True, help="the new archive (a .mar name in the model store)")
+    s.add_argument("--version", required=True, help="the new archive's version (build_mar.sh --version)")
+    s.add_argument("--initial-workers", type=int, default=None, help="default: the archive's minWorkers")
+    s.add_argument("--drain", type=float, default=5.0, help="seconds the old version keeps answering queued requests (default: 5)")
+    s.add_argument("--ready-timeout", type=float, default=300.0, help="seconds to wait for the new workers (default: 300)")
+    s.add_argument("--keep-old", action="store_true", help="keep the old version registered (rollback = set-default NAME OLD)")
+
     s = sub.add_parser("unregister", help="unregister a model (or one version)")
     s.add_argument("name")
     s.add_argument("--version", default=None)
@@ -165,6 +191,18 @@ def models_command(args: argparse.Namespace) -> None:
             )
         elif action == "set-default":
             result = client.set_default(args.name, args.version)
+        elif action == "update":
+            result = rolling_update(
+                client,
+                args.name,
+                args.archive,
+                args.version,
+                initial_workers=args.initial_workers,
+                ready_timeout_s=args.ready_timeout,
+                drain_s=args.drain,
+                keep_old=args.keep_old,
+                log=lambda msg: print(msg, file=sys.stderr),
+            ).to_dict()
         elif action == "unregister":
             result = client.unregister_model(args.name, args.version)
         else:  # argparse only lets the actions above through

@@ -4,10 +4,18 @@
 API.  It splits large inputs into requests of ``rows_per_request`` rows,
 keeps up to ``concurrency`` of them in flight on a thread pool (encoding
 included, so the CPU work of the next request overlaps the wait for the
-last) and reassembles the answers in input order.  It retries a request
-that failed with gRPC ``UNAVAILABLE`` or HTTP 503 (and nothing else), with
-exponential backoff, and renews an expired or refused token once per
-request (see :mod:`dlrm_serve.client.keys`).
+last) and reassembles the answers in input order.
+
+Predictions are idempotent, so a request that may not have been answered is
+sent again (:func:`retryable`): a full queue or an unreachable server (HTTP
+503, gRPC ``UNAVAILABLE``), a lost connection, a timeout (504,
+``DEADLINE_EXCEEDED``) and a worker that died under it (TorchServe's
+"Worker died.": REST 507, gRPC ``RESOURCE_EXHAUSTED``).  Retries back off
+exponentially with jitter, a bounded number of times.  Each request's timeout grows with its
+rows from a floor (:meth:`Client.request_timeout`), so a request lost with
+a killed worker is sent again within seconds.  Keys are renewed shortly
+before they expire, at most about once per key lifetime, and once more when
+the server refuses one (see :mod:`dlrm_serve.client.keys`).
 
 Use :func:`connect` to build one::
 
@@ -37,13 +45,47 @@ from ..features import FeatureEncoder
 from . import payloads
 from .keys import Keys
 from .payloads import Payload
-from .transports import DEFAULT_MAX_MESSAGE_BYTES, GrpcTransport, RestTransport, fetch_token
+from .transports import DEFAULT_MAX_MESSAGE_BYTES, WORKER_DIED, GrpcTransport, RestTransport, fetch_token
 
-__all__ = ["Client", "connect", "ordered_map", "DEFAULT_ROWS_PER_REQUEST", "DEFAULT_CONCURRENCY"]
+__all__ = [
+    "Client",
+    "connect",
+    "ordered_map",
+    "retryable",
+    "DEFAULT_ROWS_PER_REQUEST",
+    "DEFAULT_CONCURRENCY",
+    "DEFAULT_RETRIES",
+    "WORKER_DIED_RETRIES",
+    "TIMEOUT_FLOOR_S",
+    "TIMEOUT_PER_ROW_S",
+]
 
 DEFAULT_ROWS_PER_REQUEST = 1024
 DEFAULT_CONCURRENCY = 4
+DEFAULT_RETRIES = 8
+# A request whose worker died this many times is likely what kills it (a
+# poison request): stop sending it, instead of taking down a worker per try.
+WORKER_DIED_RETRIES = 2
+# A prediction's timeout: the floor plus this much per row.  1024 binary rows
+# take about 20 ms of worker time here; the rest covers waiting in a full
+# queue on a busy host.  A lost request is sent again after ~12 s, not 60.
+TIMEOUT_FLOOR_S = 10.0
+TIMEOUT_PER_ROW_S = 0.002
 LOOPBACK = "127.0.0.1"
+
+
+def retryable(err: BaseException) -> bool:
+    """Whether a failed prediction may have gone unanswered, so sending it again is right.
+
+    Yes for a full queue or unreachable server (503), a timeout (504) and a
+    worker that died with the request (TorchServe's "Worker died.", REST 507,
+    gRPC ``RESOURCE_EXHAUSTED``).  No for anything the request itself caused
+    (4xx), token refusals (handled apart) and other server errors, which
+    would fail again.
+    """
+    if not isinstance(err, ServerError) or isinstance(err, AuthError):
+        return False
+    return err.status in (503, 504) or WORKER_DIED in err.message.lower()
 
 
 def ordered_map(fn: Callable[[Any], Any], items: Iterable[Any], concurrency: int) -> Iterator[Any]:
@@ -86,11 +128,20 @@ class Client:
     - ``payload``: ``binary``, ``json``, ``tsv`` or None (binary when a config
       is known, else the rows' natural text format).
     - ``rows_per_request``, ``concurrency``: request size and requests in flight.
-    - ``retries``, ``backoff_s``, ``max_backoff_s``: retries of UNAVAILABLE/503.
+    - ``retries``, ``backoff_s``, ``max_backoff_s``: how often and how
+      patiently a :func:`retryable` failure is sent again (exponential
+      backoff from ``backoff_s``, capped at ``max_backoff_s``, with jitter).
+    - ``timeout_s``: a fixed per-prediction timeout; None (default) sizes it
+      per request, ``timeout_floor_s + rows * timeout_per_row_s``.
     - ``keys``: :class:`Keys` (default: :meth:`Keys.discover`).
     - ``token_url``: the REST management URL used to renew keys with the
       API key (needed by gRPC clients too: TorchServe has no gRPC token API).
-    - ``token_margin_s``: renew a key this long before its known expiry.
+    - ``token_margin_s``: renew a key this long before its known expiry, or a
+      tenth of its lifetime when that is shorter (so a 1-minute key is
+      renewed 6 s before it expires, once per lifetime).
+
+    ``stats`` counts ``requests`` (attempts), ``retries`` (by reason in
+    ``retry_reasons``) and ``token_renewals``.
     """
 
     def __init__(
@@ -103,9 +154,12 @@ class Client:
         payload: str | None = None,
         rows_per_request: int = DEFAULT_ROWS_PER_REQUEST,
         concurrency: int = DEFAULT_CONCURRENCY,
-        retries: int = 4,
+        retries: int = DEFAULT_RETRIES,
         backoff_s: float = 0.1,
         max_backoff_s: float = 5.0,
+        timeout_s: float | None = None,
+        timeout_floor_s: float = TIMEOUT_FLOOR_S,
+        timeout_per_row_s: float = TIMEOUT_PER_ROW_S,
         keys: Keys | None = None,
         token_url: str | None = None,
         token_margin_s: float = 60.0,
@@ -133,13 +187,21 @@ class Client:
         self.retries = retries
         self.backoff_s = backoff_s
         self.max_backoff_s = max_backoff_s
+        for name, v in (("timeout_floor_s", timeout_floor_s), ("timeout_per_row_s", timeout_per_row_s)):
+            if not isinstance(v, (int, float)) or v < 0:
+                raise ValueError(f"{name} must be a number >= 0, got {v!r}")
+        if timeout_s is not None and (not isinstance(timeout_s, (int, float)) or timeout_s <= 0):
+            raise ValueError(f"timeout_s must be a positive number or None, got {timeout_s!r}")
+        self.timeout_s = timeout_s
+        self.timeout_floor_s = float(timeout_floor_s)
+        self.timeout_per_row_s = float(timeout_per_row_s)
         self.keys = keys if keys is not None else Keys.discover()
         self.token_url = token_url
         self.token_margin_s = token_margin_s
         self._sleep = sleep
         self._fetch_token = fetch_token
         self._token_lock = threading.Lock()
-        self.stats = {"requests": 0, "retries": 0, "token_renewals": 0}
+        self.stats: dict[str, Any] = {"requests": 0, "retries": 0, "token_renewals": 0, "retry_reasons": {}}
         self._stats_lock = threading.Lock()
 
     # ----- context manager ----------------------------------------------------
@@ -152,9 +214,18 @@ class Client:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def _count(self, name: str) -> None:
+    def _count(self, name: str, reason: str | None = None) -> None:
         with self._stats_lock:
             self.stats[name] += 1
+            if reason is not None:
+                reasons = self.stats["retry_reasons"]
+                reasons[reason] = reasons.get(reason, 0) + 1
+
+    def request_timeout(self, rows: int) -> float:
+        """Seconds one prediction of ``rows`` rows may take before it is sent again."""
+        if self.timeout_s is not None:
+            return self.timeout_s
+        return self.timeout_floor_s + max(0, rows) * self.timeout_per_row_s
 
     # ----- tokens and retries -------------------------------------------------
     def _renew(self, kind: str, refusal: AuthError | None = None) -> None:
@@ -183,12 +254,12 @@ class Client:
 
     def _key(self, kind: str) -> str | None:
         """The ``kind`` key, renewed first when it expires within the margin."""
-        if self.keys.expiring(kind, self.token_margin_s):
+        if self.keys.due(kind, self.token_margin_s):
             version = self.keys.version
             with self._token_lock:
                 # Another thread may have renewed it while this one waited.
-                if self.keys.version == version and self.keys.expiring(kind, self.token_margin_s):
-                    if not self.keys.reload() or self.keys.expiring(kind, self.token_margin_s):
+                if self.keys.version == version and self.keys.due(kind, self.token_margin_s):
+                    if not self.keys.reload() or self.keys.due(kind, self.token_margin_s):
                         self._renew(kind)
         return self.keys.get(kind)
 
@@ -202,8 +273,9 @@ class Client:
             self._renew(kind, refusal)
 
     def _with_retries(self, kind: str, call: Callable[[str | None], Any]) -> Any:
-        """``call(key)``, renewing the key once on a refusal and retrying UNAVAILABLE/503."""
+        """``call(key)``, renewing the key once on a refusal and retrying :func:`retryable` failures."""
         attempt = 0
+        died = 0
         renewed = False
         while True:
             version = self.keys.version
@@ -217,12 +289,20 @@ class Client:
                 self._recover(kind, key, version, e)
                 renewed = True
             except ServerError as e:
-                if e.status != 503 or attempt >= self.retries:
+                if not retryable(e) or attempt >= self.retries:
                     raise
+                if WORKER_DIED in e.message.lower():
+                    died += 1
+                    if died > WORKER_DIED_RETRIES:
+                        raise ServerError(
+                            f"{e.message} (the worker died {died} times under this request; "
+                            "not sent again, it may be what kills it)",
+                            status=e.status,
+                        ) from None
                 delay = min(self.max_backoff_s, self.backoff_s * (2**attempt))
                 self._sleep(delay * random.uniform(0.5, 1.0))
                 attempt += 1
-                self._count("retries")
+                self._count("retries", _reason(e))
 
     # ----- predictions --------------------------------------------------------
     def _format(self, kind: str) -> str:
@@ -236,9 +316,12 @@ class Client:
     def _predict_once(self, payload: Payload, rows: int | None) -> np.ndarray:
         # The answer is parsed inside the retry loop: over gRPC an error
         # arrives as a body, and must be retried (503) or renewed like REST's.
+        timeout = self.request_timeout(payload.rows if rows is None else rows)
         return self._with_retries(
             "inference",
-            lambda key: payloads.parse_predictions(self.transport.predict(self.model, self.version, payload, key), rows),
+            lambda key: payloads.parse_predictions(
+                self.transport.predict(self.model, self.version, payload, key, timeout=timeout), rows
+            ),
         )
 
     def send(self, payload: Payload) -> np.ndarray:
@@ -425,6 +508,15 @@ class Client:
         return self._manage("unregister_model", name, version)
 
 
+def _reason(err: ServerError) -> str:
+    """A short name for why a request was sent again (``stats["retry_reasons"]``)."""
+    if err.status == 504:
+        return "timeout"
+    if WORKER_DIED in err.message.lower():
+        return "worker died"
+    return "connection" if "cannot reach" in err.message or "connection" in err.message.lower() else "unavailable"
+
+
 def _located(err: InvalidInput, where: str) -> InvalidInput:
     out = InvalidInput(f"{err.message} ({where})")
     out.status = err.status
@@ -458,7 +550,7 @@ def connect(
     grpc_management_target: str | None = None,
     key_file: str | os.PathLike | None = None,
     keys: Keys | None = None,
-    timeout: float = 60.0,
+    timeout: float | None = None,
     management_timeout: float = 300.0,
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     **options: Any,
@@ -466,9 +558,13 @@ def connect(
     """A :class:`Client` for a TorchServe at ``host`` with its default ports.
 
     ``transport``: ``grpc`` or ``rest``.  URLs and targets override host and
-    ports.  ``options`` go to :class:`Client` (model, version, config,
-    payload, rows_per_request, concurrency, retries, ...).
+    ports.  ``timeout``: seconds per prediction (None: sized by rows, see
+    :meth:`Client.request_timeout`; pings use 60 s).  ``options`` go to
+    :class:`Client` (model, version, config, payload, rows_per_request,
+    concurrency, retries, ...).
     """
+    options.setdefault("timeout_s", timeout)
+    call_timeout = timeout if timeout is not None else 60.0
     inference_url = inference_url or f"http://{host}:{http_port}"
     management_url = management_url or f"http://{host}:{management_port}"
     if keys is None:
@@ -477,7 +573,7 @@ def connect(
         t: Any = GrpcTransport(
             grpc_target or f"{host}:{grpc_port}",
             grpc_management_target or f"{host}:{grpc_management_port}",
-            timeout=timeout,
+            timeout=call_timeout,
             management_timeout=management_timeout,
             max_message_bytes=max_message_bytes,
         )
@@ -485,7 +581,7 @@ def connect(
         t = RestTransport(
             inference_url,
             management_url,
-            timeout=timeout,
+            timeout=call_timeout,
             management_timeout=management_timeout,
             pool_size=max(4, int(options.get("concurrency", DEFAULT_CONCURRENCY)) * 2),
         )

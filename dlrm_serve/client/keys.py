@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -36,7 +37,7 @@ from typing import Mapping
 
 from ..errors import AuthError
 
-__all__ = ["KINDS", "ENV_KEYS", "ENV_KEY_FILE", "Token", "Keys", "parse_expiration", "read_key_file"]
+__all__ = ["KINDS", "ENV_KEYS", "ENV_KEY_FILE", "RENEW_FRACTION", "Token", "Keys", "parse_expiration", "read_key_file"]
 
 KINDS = ("inference", "management", "api")
 ENV_KEYS = {
@@ -48,13 +49,36 @@ ENV_KEY_FILE = "DLRM_SERVE_KEY_FILE"
 _FILE_SECTIONS = {"inference": "inference", "management": "management", "api": "API"}
 
 
+_READ_TRIES = 6  # a half-written key file is read again, for up to ~0.3 s
+
+# Renew a key when a tenth of its lifetime is left (or the client's margin, if shorter).
+RENEW_FRACTION = 0.1
+
+
 @dataclass(frozen=True)
 class Token:
     key: str
     expires: datetime | None = None  # None: does not expire, or not known
+    # Seconds it had left when first seen: its lifetime, or less if it was
+    # read late (then the margin is smaller, never larger, than a tenth of it).
+    life_s: float | None = None
 
     def expiring(self, now: datetime, margin_s: float) -> bool:
         return self.expires is not None and (self.expires - now).total_seconds() <= margin_s
+
+    def margin(self, max_margin_s: float) -> float:
+        """How long before expiry to renew: ``max_margin_s`` or a tenth of the lifetime, the shorter."""
+        if self.life_s is None:
+            return max_margin_s
+        return min(max_margin_s, RENEW_FRACTION * self.life_s)
+
+
+def _seen(tok: Token, now: datetime | None = None) -> Token:
+    """``tok`` with its lifetime as seen now."""
+    if tok.expires is None or tok.life_s is not None:
+        return tok
+    now = now or datetime.now(timezone.utc)
+    return Token(tok.key, tok.expires, max(0.0, (tok.expires - now).total_seconds()))
 
 
 def parse_expiration(text: str | None) -> datetime | None:
@@ -70,12 +94,17 @@ def parse_expiration(text: str | None) -> datetime | None:
 
 def read_key_file(path: str | os.PathLike) -> dict[str, Token]:
     """The tokens in a ``key_file.json``, keyed by kind (``inference``, ``management``, ``api``)."""
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except OSError as e:
-        raise AuthError(f"cannot read the key file {str(path)!r}: {e.strerror or e}") from None
-    except ValueError:
-        raise AuthError(f"the key file {str(path)!r} is not JSON (is TorchServe still writing it?)") from None
+    for attempt in range(_READ_TRIES):
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+            break
+        except OSError as e:
+            raise AuthError(f"cannot read the key file {str(path)!r}: {e.strerror or e}") from None
+        except ValueError:
+            # TorchServe rewrites the file in place when it issues a key: read again.
+            if attempt == _READ_TRIES - 1:
+                raise AuthError(f"the key file {str(path)!r} is not JSON (is TorchServe still writing it?)") from None
+            time.sleep(0.02 * (attempt + 1))
     if not isinstance(data, dict):
         raise AuthError(f"the key file {str(path)!r} is not a JSON object")
     out = {}
@@ -107,7 +136,7 @@ class Keys:
         self._from_file: dict[str, Token] = {}
         self.version = 0
         if self.key_file is not None:
-            self._from_file = read_key_file(self.key_file)
+            self._from_file = {k: _seen(t) for k, t in read_key_file(self.key_file).items()}
 
     @classmethod
     def discover(
@@ -152,10 +181,18 @@ class Keys:
         now = now or datetime.now(timezone.utc)
         return tok is not None and tok.expiring(now, margin_s)
 
+    def due(self, kind: str, max_margin_s: float, now: datetime | None = None) -> bool:
+        """Whether the key should be renewed now: it expires within its margin (:meth:`Token.margin`)."""
+        tok = self.token(kind)
+        if tok is None:
+            return False
+        now = now or datetime.now(timezone.utc)
+        return tok.expiring(now, tok.margin(max_margin_s))
+
     def set(self, kind: str, key: str, expires: datetime | None = None) -> None:
         """Use ``key`` for ``kind`` from now on (e.g. a key the token API returned)."""
         with self._lock:
-            self._fixed[kind] = Token(key, expires)
+            self._fixed[kind] = _seen(Token(key, expires))
             self.version += 1
 
     def reload(self) -> bool:
@@ -169,6 +206,11 @@ class Keys:
         fresh = read_key_file(self.key_file)
         with self._lock:
             before = {k: self._fixed.get(k) or self._from_file.get(k) for k in KINDS}
+            # A key already known keeps the lifetime measured when first seen.
+            fresh = {
+                k: old if (old := self._from_file.get(k)) is not None and (old.key, old.expires) == (t.key, t.expires) else _seen(t)
+                for k, t in fresh.items()
+            }
             self._from_file = fresh
             for kind, tok in fresh.items():
                 fixed = self._fixed.get(kind)

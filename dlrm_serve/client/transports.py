@@ -21,6 +21,7 @@ from .payloads import Payload, error_for, error_from_body
 
 __all__ = [
     "GRPC_TO_HTTP",
+    "WORKER_DIED",
     "DEFAULT_MAX_MESSAGE_BYTES",
     "GrpcTransport",
     "RestTransport",
@@ -67,6 +68,10 @@ def parse_management(text: str | bytes) -> Any:
 
 
 # ----- errors -------------------------------------------------------------------
+# TorchServe's message for the requests of a batch whose worker died (killed,
+# crashed, or restarted after responseTimeout): REST 507, gRPC RESOURCE_EXHAUSTED.
+WORKER_DIED = "worker died"
+
 def error_from_http(status: int, body: bytes, what: str = "the server") -> DLRMServeError:
     """The library's error for a REST answer that is not 200."""
     try:
@@ -113,6 +118,10 @@ def error_from_grpc(err: Any, what: str = "the server") -> DLRMServeError:
     status = GRPC_TO_HTTP.get(name, 500)
     if java_type in _JAVA_EXCEPTIONS and name in ("INTERNAL", "UNKNOWN"):
         status = _JAVA_EXCEPTIONS[java_type]
+    if WORKER_DIED in details.lower():
+        # REST answers 507 "Worker died."; gRPC turns that into RESOURCE_EXHAUSTED,
+        # which must not read as a request that is too large.
+        return ServerError(details, status=507)
     if status == 503:
         message = f"{what} is unavailable: {details}" if details else f"{what} is unavailable"
         return ServerError(message, status=503)
@@ -185,13 +194,19 @@ class GrpcTransport:
         except self._grpc.RpcError as e:
             raise error_from_grpc(e, what) from None
 
-    def predict(self, model: str, version: str | None, payload: Payload, key: str | None) -> bytes:
-        return self.predict_inputs(model, version, {"data": payload.body}, key)
+    def predict(
+        self, model: str, version: str | None, payload: Payload, key: str | None, timeout: float | None = None
+    ) -> bytes:
+        """One prediction; ``timeout`` seconds (default: the transport's)."""
+        return self.predict_inputs(model, version, {"data": payload.body}, key, timeout)
 
-    def predict_inputs(self, model: str, version: str | None, inputs: dict[str, bytes], key: str | None) -> bytes:
+    def predict_inputs(
+        self, model: str, version: str | None, inputs: dict[str, bytes], key: str | None, timeout: float | None = None
+    ) -> bytes:
         """``Predictions`` with a free-form input map (TorchServe's own client sends ``data``)."""
         req = self._pb.inference_pb2.PredictionsRequest(model_name=model, model_version=version or "", input=inputs)
-        resp = self._call(self._inference.Predictions, req, key, self.timeout, f"gRPC {self.inference_target}")
+        t = self.timeout if timeout is None else timeout
+        resp = self._call(self._inference.Predictions, req, key, t, f"gRPC {self.inference_target}")
         return resp.prediction
 
     def explain(self, model: str, version: str | None, payload: Payload, key: str | None, method: str | None = None) -> bytes:
@@ -244,12 +259,34 @@ class GrpcTransport:
 def _requests_error(e: Exception, url: str) -> DLRMServeError:
     import requests
 
-    if isinstance(e, requests.exceptions.ConnectTimeout) or isinstance(e, requests.exceptions.ConnectionError):
+    if isinstance(e, requests.exceptions.ConnectTimeout):
         # Like gRPC's UNAVAILABLE: nothing reached the server, so a retry is safe.
         return ServerError(f"cannot reach {url}: {type(e).__name__}", status=503)
+    if isinstance(e, requests.exceptions.ConnectionError) and _reset(e):
+        # The request may have been sent; predictions are idempotent, so the client retries it.
+        return ServerError(f"the connection to {url} was lost (reset by the server)", status=503)
+    if isinstance(e, requests.exceptions.ConnectionError):
+        return ServerError(f"cannot reach {url}: {type(e).__name__}", status=503)
+    if isinstance(e, requests.exceptions.ChunkedEncodingError):
+        return ServerError(f"the connection to {url} was lost mid-answer", status=503)
     if isinstance(e, requests.exceptions.Timeout):
         return ServerError(f"{url} did not answer in time", status=504)
     return ServerError(f"request to {url} failed: {e}")
+
+
+def _reset(e: BaseException) -> bool:
+    """Whether a requests error was caused by a reset or dropped connection."""
+    seen = 0
+    while e is not None and seen < 8:
+        if isinstance(e, (ConnectionResetError, BrokenPipeError, ConnectionAbortedError)):
+            return True
+        if "RemoteDisconnected" in type(e).__name__ or "Connection aborted" in str(e):
+            return True
+        args = getattr(e, "args", ())
+        inner = args[0] if args and isinstance(args[0], BaseException) else None
+        e = getattr(e, "reason", None) or inner or e.__cause__ or e.__context__
+        seen += 1
+    return False
 
 
 class RestTransport:
@@ -294,9 +331,13 @@ class RestTransport:
             raise error_from_http(r.status_code, r.content, f"{method} {url}")
         return r
 
-    def predict(self, model: str, version: str | None, payload: Payload, key: str | None) -> bytes:
+    def predict(
+        self, model: str, version: str | None, payload: Payload, key: str | None, timeout: float | None = None
+    ) -> bytes:
+        """One prediction; ``timeout`` seconds (default: the transport's)."""
         url = f"{self.inference_url}/predictions/{_q(model)}" + (f"/{_q(version)}" if version else "")
-        r = self._send("POST", url, key, self.timeout, data=payload.body, headers={"Content-Type": payload.content_type})
+        t = self.timeout if timeout is None else timeout
+        r = self._send("POST", url, key, t, data=payload.body, headers={"Content-Type": payload.content_type})
         return r.content
 
     def explain(self, model: str, version: str | None, payload: Payload, key: str | None, method: str | None = None) -> bytes:
