@@ -46,6 +46,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from dlrm_serve.client import connect  # noqa: E402
+from dlrm_serve.client.payloads import Payload  # noqa: E402
 from dlrm_serve.codecs import encode_binary  # noqa: E402
 from dlrm_serve.errors import DLRMServeError, InvalidInput  # noqa: E402
 from dlrm_serve.features import FeatureEncoder  # noqa: E402
@@ -204,7 +205,7 @@ def run(
             got, err = None, None
             start = time.monotonic()
             try:
-                got = clients[case.transport].predict_body(case.body, case.rows or None, format=case.format)
+                got = clients[case.transport].send(Payload(bytes(case.body), case.format, case.rows or 0))
             except Exception as e:  # every outcome is recorded and judged
                 err = e
             end = time.monotonic()

@@ -159,7 +159,8 @@ def mgmt(fault_server):
 
 # ----- SIGKILL ------------------------------------------------------------------------------------
 def test_sigkill_under_rest_load_loses_nothing(fault_server, mgmt, demo_backend):
-    data = Lines(demo_backend, 40_000, seed=1)
+    # Long enough that the kill lands mid-job however fast decoding gets (about 1,600 requests).
+    data = Lines(demo_backend, 200_000, seed=1)
     out: dict = {}
 
     def job():
@@ -172,7 +173,7 @@ def test_sigkill_under_rest_load_loses_nothing(fault_server, mgmt, demo_backend)
 
     t = threading.Thread(target=job)
     t.start()
-    time.sleep(1.5)
+    time.sleep(1.0)
     assert t.is_alive(), "the job finished before the kill: make it longer"
     victim = sorted(ready_pids(mgmt, "dlrm"))[0]
     kill(victim)
