@@ -241,6 +241,8 @@ def _add_kserve(sub) -> None:
             args.max_rows = MAX_ROWS
         main_args(args)
 
+    p.set_defaults(func=run)
+
 
 def _add_explain(sub) -> None:
     p = sub.add_parser(
