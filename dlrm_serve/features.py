@@ -857,6 +857,15 @@ class FeatureEncoder:
 
     def _sparse_strings(self, sparse: np.ndarray, b: int) -> tuple[np.ndarray, np.ndarray | None]:
         self._check_shape(sparse, b)
+        if sparse.dtype.kind == "U" and sparse.dtype.itemsize:
+            # A caller's fixed-width str array: its ASCII bytes are already one buffer.
+            width = sparse.dtype.itemsize // 4
+            codes = np.ascontiguousarray(sparse).reshape(-1).view(np.uint32)  # UCS-4 code points
+            if codes.size and int(codes.max()) < 128:
+                buf = codes.astype(np.uint8)
+                lengths = np.count_nonzero(buf.reshape(-1, width), axis=1).astype(np.int64)
+                starts = np.arange(lengths.shape[0], dtype=np.int64) * width
+                return self.hash_text(buf, starts, lengths, b, lambda k: str(sparse.reshape(-1)[k]))
         return self._hash_cells([str(v) for v in sparse.reshape(-1).tolist()], b)
 
     def _sparse_int_array(self, sparse: np.ndarray, b: int) -> tuple[np.ndarray, np.ndarray | None]:
