@@ -42,7 +42,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .errors import InvalidInput
-from .features import FeatureBatch, FeatureEncoder, RawBatch, int_fields
+from .features import FeatureBatch, FeatureEncoder, RawBatch, field_spans, int_fields
 
 __all__ = [
     "MAX_ROWS",
@@ -345,12 +345,7 @@ def _fast_tsv(buf: np.ndarray, encoder: FeatureEncoder, max_rows: int) -> RawBat
     line_ends = seps[width - 1 :: width]
     if line_ends.shape[0] != b - 1 or not is_nl[line_ends].all():
         return None
-    starts = np.empty(fields, dtype=np.int64)
-    starts[0] = 0
-    starts[1:] = seps + 1
-    ends = np.empty(fields, dtype=np.int64)
-    ends[:-1] = seps
-    ends[-1] = n
+    starts, ends = field_spans(seps, n)
     starts, ends = starts.reshape(b, width), ends.reshape(b, width)
     if width == nd + ns + 1:
         # Labels must be "0" or "1"; other values go to the per-line path for the message.

@@ -47,6 +47,7 @@ __all__ = [
     "MAX_NUMBER_CHARS",
     "MAX_BAG_IDS",
     "int_fields",
+    "field_spans",
 ]
 
 _F32_MAX = float(np.finfo(np.float32).max)
@@ -232,6 +233,17 @@ def _hex_word(x: np.ndarray, digits: int) -> tuple[np.ndarray, np.ndarray]:
     return v, ok
 
 
+def field_spans(seps: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Start and end (exclusive) of the ``len(seps) + 1`` fields of a buffer of ``size`` bytes split at ``seps``."""
+    starts = np.empty(seps.shape[0] + 1, dtype=np.int64)
+    starts[0] = 0
+    starts[1:] = seps + 1
+    ends = np.empty(seps.shape[0] + 1, dtype=np.int64)
+    ends[:-1] = seps
+    ends[-1] = size
+    return starts, ends
+
+
 def _join(strings: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
     """Strings as one ASCII buffer plus start and length of each; None if not all ASCII str.
 
@@ -251,12 +263,7 @@ def _join(strings: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray] |
         starts = np.zeros(m, dtype=np.int64)
         np.cumsum(lengths[:-1] + 1, out=starts[1:])
         return buf, starts, lengths
-    starts = np.empty(m, dtype=np.int64)
-    starts[0] = 0
-    starts[1:] = seps + 1
-    ends = np.empty(m, dtype=np.int64)
-    ends[:-1] = seps
-    ends[-1] = buf.shape[0]
+    starts, ends = field_spans(seps, buf.shape[0])
     return buf, starts, ends - starts
 
 
@@ -385,12 +392,7 @@ def _json_fields(values: list) -> tuple[bytes, np.ndarray, np.ndarray, np.ndarra
     commas = np.flatnonzero(buf == _COMMA)
     if commas.shape[0] != m - 1:
         return None
-    starts = np.empty(m, dtype=np.int64)
-    starts[0] = 0
-    starts[1:] = commas + 1
-    ends = np.empty(m, dtype=np.int64)
-    ends[:-1] = commas
-    ends[-1] = buf.shape[0]
+    starts, ends = field_spans(commas, buf.shape[0])
     return text, buf, starts, ends, buf[np.minimum(starts, buf.shape[0] - 1)]
 
 

@@ -124,27 +124,37 @@ def model_store(tmp_path_factory, demo_artifacts) -> Path:
     return store
 
 
-@pytest.fixture(scope="session")
-def torchserve(tmp_path_factory, model_store):
-    """One TorchServe for every integration test, started with dlrm.mar loaded."""
+def serve(start_dir: Path, store: Path, archive: str = "dlrm.mar", workers: int = 2, server_class=None, **properties):
+    """A real TorchServe from the shipped config.properties on free loopback ports, ``archive`` loaded.
+
+    A generator for fixtures: it yields the server once ``workers`` of its model
+    are READY and always stops it.  ``properties`` override config.properties keys.
+    """
     if not java_ok():
         pytest.skip("TorchServe needs Java 11+ (scripts/ensure_java.sh could not provide it)")
     from dlrm_serve.launcher import TorchServe
 
-    server = TorchServe(
-        tmp_path_factory.mktemp("ts_start"),
-        model_store,
+    server = (server_class or TorchServe)(
+        start_dir,
+        store,
         base_config=ROOT / "config.properties",
-        load_models="dlrm.mar",
+        load_models=archive,
         startup_timeout=120,
+        properties=properties or None,
         log_config=ROOT / "log4j2.xml",
     )
     server.start()
     try:
-        server.wait_ready("dlrm", workers=2, timeout=120)
+        server.wait_ready(archive.removesuffix(".mar"), workers=workers, timeout=120)
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def torchserve(tmp_path_factory, model_store):
+    """One TorchServe for every integration test, started with dlrm.mar loaded."""
+    yield from serve(tmp_path_factory.mktemp("ts_start"), model_store)
 
 
 @pytest.fixture(scope="session")

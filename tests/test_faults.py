@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import ROOT, build_archive, java_ok
+from conftest import ROOT, build_archive, serve
 from dlrm_serve.client import connect
 from dlrm_serve.features import FeatureEncoder
 from dlrm_serve.launcher import TorchServe, http_request
@@ -133,22 +133,7 @@ def fault_store(tmp_path_factory, model_store, demo_artifacts) -> Path:
 
 @pytest.fixture(scope="module")
 def fault_server(tmp_path_factory, fault_store):
-    if not java_ok():
-        pytest.skip("TorchServe needs Java 11+")
-    server = TorchServe(
-        tmp_path_factory.mktemp("faults_start"),
-        fault_store,
-        base_config=ROOT / "config.properties",
-        load_models="dlrm.mar",
-        properties={"job_queue_size": QUEUE},
-        log_config=ROOT / "log4j2.xml",
-    )
-    server.start()
-    try:
-        server.wait_ready("dlrm", workers=2, timeout=120)
-        yield server
-    finally:
-        server.stop()
+    yield from serve(tmp_path_factory.mktemp("faults_start"), fault_store, job_queue_size=QUEUE)
 
 
 @pytest.fixture(scope="module")
@@ -344,22 +329,10 @@ class ShortKeyServer(TorchServe):
 
 @pytest.fixture(scope="module")
 def short_key_server(tmp_path_factory, model_store):
-    if not java_ok():
-        pytest.skip("TorchServe needs Java 11+")
-    server = ShortKeyServer(
-        tmp_path_factory.mktemp("short_keys_start"),
-        model_store,
-        base_config=ROOT / "config.properties",
-        load_models="dlrm_b.mar",
-        properties={"token_expiration_min": 0.1},
-        log_config=ROOT / "log4j2.xml",
+    yield from serve(
+        tmp_path_factory.mktemp("short_keys_start"), model_store, "dlrm_b.mar", workers=1,
+        server_class=ShortKeyServer, token_expiration_min=0.1,
     )
-    server.start()
-    try:
-        server.wait_ready("dlrm_b", workers=1, timeout=120)
-        yield server
-    finally:
-        server.stop()
 
 
 def test_clients_outlive_several_key_lifetimes(short_key_server, demo_backend):
