@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-from .backends import Backend
+from .backends import Backend, check_precision
 from .codecs import MAX_ROWS, decode_request, predictions_body
 from .errors import DLRMServeError, InvalidInput
 from .features import FeatureBatch, FeatureEncoder
@@ -69,6 +69,13 @@ def _seconds(name: str, v: Any) -> float:
     return float(v)
 
 
+def _precision(name: str, v: Any) -> str:
+    try:
+        return check_precision(v)
+    except ValueError as e:
+        raise ValueError(f"model-config.yaml: dlrm.{name}: {e}") from None
+
+
 # key -> (default, checker).  One line per setting; the checker names the key.
 SETTINGS: dict[str, tuple[Any, Callable[[str, Any], Any]]] = {
     "backend": ("torch", _string),
@@ -76,6 +83,9 @@ SETTINGS: dict[str, tuple[Any, Callable[[str, Any], Any]]] = {
     "threads": (0, _count),  # 0 = cpu count / workers
     "touch_tables": (False, _flag),
     "metrics_interval": (1.0, _seconds),
+    # fp32 when absent, so archives built before the key existed serve as they did;
+    # build_mar.sh writes "auto" (bf16 on CPUs with native bf16) unless told otherwise.
+    "precision": ("fp32", _precision),
 }
 
 

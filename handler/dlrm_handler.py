@@ -42,7 +42,9 @@ class DLRMHandler(BaseHandler):
         self.manifest = context.manifest
         model_dir = context.system_properties["model_dir"]
         self.settings = read_settings(getattr(context, "model_yaml_config", None))
-        self.backend = load_backend(model_dir, self.settings["backend"], threads=self.settings["threads"])
+        self.backend = load_backend(
+            model_dir, self.settings["backend"], threads=self.settings["threads"], precision=self.settings["precision"]
+        )
         self.predictor = Predictor(self.backend, max_rows=self.settings["max_rows"])
         if self.settings["touch_tables"]:
             start = time.perf_counter()

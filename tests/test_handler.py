@@ -300,11 +300,13 @@ def test_read_settings():
 
     assert read({}, cpu_count=4) == {
         "backend": "torch", "max_rows": MAX_ROWS, "threads": 4, "touch_tables": False, "metrics_interval": 1.0,
+        "precision": "fp32",
     }
     assert read({"maxWorkers": 2}, cpu_count=4)["threads"] == 2
     assert read({"maxWorkers": 8}, cpu_count=2)["threads"] == 1
     assert read({"dlrm": {"backend": "onnxruntime", "max_rows": 10, "threads": 3, "metrics_interval": 0}}) == {
         "backend": "onnxruntime", "max_rows": 10, "threads": 3, "touch_tables": False, "metrics_interval": 0.0,
+        "precision": "fp32",
     }
     assert read({"dlrm": {"touch_tables": True}})["touch_tables"] is True
     for bad, match in [
