@@ -74,20 +74,30 @@ class TorchBackend:
     """Eager PyTorch on the CPU, weights memory-mapped from the artifacts.
 
     ``precision``: ``fp32`` (the default: the saved weights as they are,
-    results bit for bit those of the model), ``bf16`` (weights and float32
-    tables cast once at load; see :func:`dlrm_serve.model.cast_for_inference`)
-    or ``auto`` (:func:`resolve_precision`).
+    results bit for bit those of the model), ``bf16`` (MLP weights cast once
+    at load, GEMMs and interaction in bfloat16; see
+    :func:`dlrm_serve.model.cast_for_inference`) or ``auto``
+    (:func:`resolve_precision`).  Under bf16 the tables stay mapped from the
+    file and shared between workers unless ``bf16_tables`` casts them into a
+    private bfloat16 copy (half the bytes; measured in docs/precision.md).
     """
 
     name = "torch"
 
-    def __init__(self, artifacts_dir: str | os.PathLike, threads: int | None = None, precision: str = "fp32"):
+    def __init__(
+        self,
+        artifacts_dir: str | os.PathLike,
+        threads: int | None = None,
+        precision: str = "fp32",
+        bf16_tables: bool = False,
+    ):
         import torch
 
         from .artifacts import load_model
 
         self._torch = torch
         self.precision = resolve_precision(precision)
+        self.bf16_tables = bool(bf16_tables) and self.precision == "bf16"
         if threads:
             torch.set_num_threads(threads)
         self.artifacts_dir = Path(artifacts_dir)
@@ -99,7 +109,7 @@ class TorchBackend:
         from .model import cast_for_inference
 
         if self.precision == "bf16":
-            return cast_for_inference(model, self._torch.bfloat16)
+            return cast_for_inference(model, self._torch.bfloat16, tables=self.bf16_tables)
         return model
 
     def predict(self, batch: FeatureBatch) -> np.ndarray:
@@ -117,6 +127,7 @@ class TorchBackend:
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
             "precision": self.precision,
+            "bf16_tables": self.bf16_tables,
             "table_dtype": self.config.table_dtype,
             "table_rows": self.config.total_rows,
         }

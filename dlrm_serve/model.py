@@ -226,7 +226,7 @@ class InteractionArch(nn.Module):
     def forward(self, dense: torch.Tensor, sparse: torch.Tensor) -> torch.Tensor:
         b = dense.shape[0]
         rows = sparse.shape[1]
-        # Dequantised int8 tables give float32 rows; a no-op when the dtypes agree.
+        # Rows of float32 or int8 tables under bfloat16 MLPs; a no-op when the dtypes agree.
         sparse = sparse.to(dense.dtype)
         if rows == self.num_tables + 1:
             t = sparse
@@ -275,13 +275,15 @@ class DLRM(nn.Module):
         )
         self.over_arch = OverArch(config.interaction_width, config.top_mlp)
         self.loss_threshold = config.loss_threshold
+        # What the MLPs compute in: set by cast_for_inference, float32 otherwise.
+        self.compute_dtype = torch.float32
         if init and config.table_dtype == "float32":
             self.sparse_arch.init_uniform(config.table_sizes)
 
     def logits(self, dense: torch.Tensor, indices: torch.Tensor, offsets: torch.Tensor | None = None) -> torch.Tensor:
         b = dense.shape[0]
-        # The MLPs' dtype (bfloat16 after cast_for_inference); a no-op for float32.
-        x = self.dense_arch(dense.to(self.dense_arch.mlp[0].weight.dtype))
+        # bfloat16 after cast_for_inference; a no-op for float32.
+        x = self.dense_arch(dense.to(self.compute_dtype))
         # Stacking pays for its few extra small ops only once the copy it saves is large.
         lead = 1 if b >= STACK_MIN_BATCH else 0
         e = self.sparse_arch(indices, offsets, b, lead=lead)  # [B, lead+F, D]
@@ -296,20 +298,22 @@ class DLRM(nn.Module):
         return p
 
 
-def cast_for_inference(model: DLRM, dtype: torch.dtype, tables: bool = True) -> DLRM:
-    """Cast ``model``'s MLP weights (and float32 tables, with ``tables``) to ``dtype``, once, in place.
+def cast_for_inference(model: DLRM, dtype: torch.dtype, tables: bool = False) -> DLRM:
+    """Cast ``model``'s MLP weights to ``dtype`` once, in place; its float32 tables too with ``tables``.
 
-    Meant for inference in bfloat16: the forward then runs every GEMM, the
-    lookups and the interaction in ``dtype`` and returns float32
-    probabilities.  A cast table is a private copy at the new width (half
-    the bytes of float32 for bfloat16), no longer mapped from the weights
-    file.  Row-wise int8 tables keep their float32 scales; their rows are
-    converted to ``dtype`` in the interaction.  ``torch.float32`` is a no-op.
+    Meant for inference in bfloat16: the forward then runs every GEMM and
+    the interaction in ``dtype`` and returns float32 probabilities.  Tables
+    left as they are stay mapped from the weights file (shared by every
+    process that serves it); their looked-up rows ``[B, F, D]`` are
+    converted in the interaction.  A cast table is a private copy at the
+    new width (half the bytes of float32 for bfloat16).  Row-wise int8
+    tables keep their float32 scales.  ``torch.float32`` is a no-op.
     """
     if not dtype.is_floating_point:
         raise ValueError(f"cast_for_inference needs a floating dtype, got {dtype}")
     if dtype == torch.float32:
         return model
+    model.compute_dtype = dtype
     model.dense_arch.to(dtype)
     model.over_arch.to(dtype)
     sparse = model.sparse_arch
