@@ -64,6 +64,20 @@ def mlp_layers(widths: list[int] | tuple[int, ...], in_width: int, last_relu: bo
     return nn.Sequential(*layers)
 
 
+def _linear_pointwise():
+    """oneDNN's fused linear (+ bias, + ReLU) kernel, or None where this torch build lacks it."""
+    try:
+        return torch.ops.mkldnn._linear_pointwise.default
+    except (AttributeError, RuntimeError):
+        return None
+
+
+# Used for bfloat16 weights only (inference: the op has no autograd).  Measured
+# against addmm + relu_ in bfloat16: the bias and the ReLU ride in the GEMM
+# instead of a bias copy before it and a pass after it (docs/precision.md).
+LINEAR_POINTWISE = _linear_pointwise()
+
+
 def run_mlp(mlp: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
     """``mlp(x)`` for a :func:`mlp_layers` stack, minus the per-layer overheads.
 
@@ -71,14 +85,24 @@ def run_mlp(mlp: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
     ReLU runs in place on the fresh ``addmm`` output, which saves a
     full-size allocation and pass per layer.  Autograd-safe, so training
     shares this path: ``addmm`` saves its inputs, never its output.
+    bfloat16 layers (inference only) run oneDNN's fused linear + ReLU.
     """
-    for layer in mlp:
+    layers = list(mlp)
+    i = 0
+    while i < len(layers):
+        layer = layers[i]
         if isinstance(layer, nn.Linear):
+            relu = i + 1 < len(layers) and isinstance(layers[i + 1], nn.ReLU)
+            if layer.weight.dtype == torch.bfloat16 and LINEAR_POINTWISE is not None:
+                x = LINEAR_POINTWISE(x, layer.weight, layer.bias, "relu" if relu else "none", [], "")
+                i += 2 if relu else 1
+                continue
             x = torch.addmm(layer.bias, x, layer.weight.t())
         elif isinstance(layer, nn.ReLU):
             x = x.relu_()
         else:
             x = layer(x)
+        i += 1
     return x
 
 
