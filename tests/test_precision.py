@@ -99,6 +99,17 @@ def test_bf16_is_close_to_fp32_and_independent_of_the_batch(bf16_backend, demo_b
     assert max_dp(with_tables.predict(encoder.encode_instances(rows)), whole) <= BF16_ATOL
 
 
+def test_bf16_over_int8_tables(demo_artifacts, make_rows, demo_config, tmp_path):
+    from dlrm_serve.quantize import quantize_artifacts
+
+    quantize_artifacts(demo_artifacts, tmp_path, progress=False)
+    encoder = FeatureEncoder(demo_config)
+    batch = encoder.encode_instances(make_rows(30, seed=4).instances)
+    bf16 = load_backend(tmp_path, precision="bf16", bf16_tables=True)
+    assert bf16.model.sparse_arch.codes.dtype == torch.uint8  # int8 tables are left as they are
+    bf16_close(bf16.predict(batch), load_backend(tmp_path).predict(batch))
+
+
 def test_every_input_route_in_bf16(bf16_backend, demo_backend, make_rows, demo_config):
     """JSON (positional and named), TSV and binary through serving.Predictor: bf16 against fp32."""
     encoder = FeatureEncoder(demo_config)
