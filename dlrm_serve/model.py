@@ -64,18 +64,28 @@ def mlp_layers(widths: list[int] | tuple[int, ...], in_width: int, last_relu: bo
     return nn.Sequential(*layers)
 
 
-def _linear_pointwise():
-    """oneDNN's fused linear (+ bias, + ReLU) kernel, or None where this torch build lacks it."""
+def _onednn_ops():
+    """oneDNN's fused linear (+ bias, + ReLU) kernel and its weight packer, or Nones.
+
+    None where this torch build lacks them or its oneDNN has no bfloat16
+    (then bfloat16 layers fall back to ``addmm``).
+    """
     try:
-        return torch.ops.mkldnn._linear_pointwise.default
+        if torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            return torch.ops.mkldnn._linear_pointwise.default, torch.ops.mkldnn._reorder_linear_weight.default
     except (AttributeError, RuntimeError):
-        return None
+        pass
+    return None, None
 
 
-# Used for bfloat16 weights only (inference: the op has no autograd).  Measured
+# For bfloat16 weights only (inference: the op has no autograd).  Measured
 # against addmm + relu_ in bfloat16: the bias and the ReLU ride in the GEMM
-# instead of a bias copy before it and a pass after it (docs/precision.md).
-LINEAR_POINTWISE = _linear_pointwise()
+# instead of a bias copy before it and a pass after it; weights packed once
+# into oneDNN's layout save a reorder per call, 2x at one row
+# (docs/precision.md).  Packed or not, the results are the same bits.
+LINEAR_POINTWISE, _REORDER_WEIGHT = _onednn_ops()
+# The batch size oneDNN packs the weights for; any batch size runs on them.
+PACK_BATCH_HINT = 64
 
 
 def run_mlp(mlp: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
@@ -94,7 +104,8 @@ def run_mlp(mlp: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
         if isinstance(layer, nn.Linear):
             relu = i + 1 < len(layers) and isinstance(layers[i + 1], nn.ReLU)
             if layer.weight.dtype == torch.bfloat16 and LINEAR_POINTWISE is not None:
-                x = LINEAR_POINTWISE(x, layer.weight, layer.bias, "relu" if relu else "none", [], "")
+                weight = layer.__dict__.get("packed_weight", layer.weight)  # see cast_for_inference
+                x = LINEAR_POINTWISE(x, weight, layer.bias, "relu" if relu else "none", [], "")
                 i += 2 if relu else 1
                 continue
             x = torch.addmm(layer.bias, x, layer.weight.t())
@@ -326,7 +337,8 @@ def cast_for_inference(model: DLRM, dtype: torch.dtype, tables: bool = False) ->
     """Cast ``model``'s MLP weights to ``dtype`` once, in place; its float32 tables too with ``tables``.
 
     Meant for inference in bfloat16: the forward then runs every GEMM and
-    the interaction in ``dtype`` and returns float32 probabilities.  Tables
+    the interaction in ``dtype`` and returns float32 probabilities; the
+    bfloat16 weights are also packed once into oneDNN's layout.  Tables
     left as they are stay mapped from the weights file (shared by every
     process that serves it); their looked-up rows ``[B, F, D]`` are
     converted in the interaction.  A cast table is a private copy at the
@@ -338,8 +350,12 @@ def cast_for_inference(model: DLRM, dtype: torch.dtype, tables: bool = False) ->
     if dtype == torch.float32:
         return model
     model.compute_dtype = dtype
-    model.dense_arch.to(dtype)
-    model.over_arch.to(dtype)
+    for arch in (model.dense_arch, model.over_arch):
+        arch.to(dtype)
+        for layer in arch.mlp:
+            if isinstance(layer, nn.Linear) and dtype == torch.bfloat16 and _REORDER_WEIGHT is not None:
+                # A plain attribute, not a parameter: state_dict and the weights stay as they were.
+                layer.__dict__["packed_weight"] = _REORDER_WEIGHT(layer.weight, PACK_BATCH_HINT)
     sparse = model.sparse_arch
     if tables and sparse.table_dtype == "float32":
         sparse.weight = nn.Parameter(sparse.weight.detach().to(dtype), requires_grad=False)
