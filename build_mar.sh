@@ -103,7 +103,8 @@ case "$PRECISION" in
   auto|fp32|bf16) ;;
   *) die "--precision must be auto, fp32 or bf16, got '$PRECISION'" ;;
 esac
-[ "$BACKEND" = onnxruntime ] && [ "$PRECISION" = bf16 ] && die "--precision bf16 needs --backend torch (the onnxruntime backend runs fp32)"
+[ "$BACKEND" = onnxruntime ] && [ "$PRECISION" = bf16 ] \
+  && die "--precision bf16 needs --backend torch (the onnxruntime backend runs fp32)"
 case "$ARCHIVE_FORMAT" in
   default|no-archive|zip-store) ;;
   *) die "--archive-format must be default, no-archive or zip-store, got '$ARCHIVE_FORMAT'" ;;

@@ -309,7 +309,8 @@ def main(argv: list[str] | None = None) -> int:
         summary.append(f"- torch.compile (inductor, default options): {compile_s:.0f} s to compile all batch sizes")
     sections = ["\n".join(summary) + "\n", table]
     if quality_rows:
-        qtable = markdown_table(["variant", "test AUC", "AUC - fp32", "log loss", "max abs Δp", "mean abs Δp"], quality_rows)
+        qheaders = ["variant", "test AUC", "AUC - fp32", "log loss", "max abs Δp", "mean abs Δp"]
+        qtable = markdown_table(qheaders, quality_rows)
         sections.append(f"Quality on the test rows of {args.quality[1]} (model {args.quality[0]}):\n\n{qtable}")
     md = write_markdown(args.name, "Model forward throughput (CPU), fp32 and bf16", sections)
     print("\n" + "\n\n".join(sections))
