@@ -16,7 +16,9 @@ forward pass is timed.  Variants, side by side in interleaved rounds:
 - ``bf16, bf16 tables``: the same with the tables cast to a bfloat16 copy
   (``bf16_tables=True``; ``--bf16-tables``);
 - ``int8 MLPs``: row-wise (per-channel) int8 weights with dynamic
-  activation quantisation, ``torch.ao`` ``quantize_dynamic`` (``--int8``);
+  activation quantisation, ``torch.ao`` ``quantize_dynamic`` (tried and
+  not offered as a precision: slower than bf16 and less accurate; ``--no-int8``
+  skips it);
 - ``plain eager``: the fp32 weights the straightforward way (each stage's
   ``nn.Sequential``; ``--no-baseline`` drops it).
 
@@ -26,7 +28,7 @@ a bf16 ``torch.mm`` of the same size is timed too, for reference.  With
 ``--quality ARTIFACTS TEST_TSV`` it also reports each variant's test AUC
 and largest |Δp| against fp32 on a trained model.
 
-    python bench/bench_model.py [--batches 1,64,512,2048] [--threads N] [--distinct K] [--int8]
+    python bench/bench_model.py [--batches 1,64,512,2048] [--threads N] [--distinct K] [--no-int8] [--bf16-tables]
         [--quality ARTIFACTS TEST_TSV] [--compile]
 """
 
@@ -120,7 +122,7 @@ def variants_of(artifacts: str, args, quality_only: bool = False) -> dict:
     out = {"fp32": fp32, "bf16": TorchBackend(artifacts, precision="bf16").model}
     if args.bf16_tables:
         out["bf16, bf16 tables"] = TorchBackend(artifacts, precision="bf16", bf16_tables=True).model
-    if args.int8:
+    if not args.no_int8:
         out["int8 MLPs"] = int8_mlps(fp32)
     if not args.no_baseline and not quality_only:
         out["plain eager"] = plain_eager(fp32)
@@ -177,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         help="distinct batches cycled through per size (default: up to 32; 1 repeats one batch, warm lookups)",
     )
     ap.add_argument("--no-baseline", action="store_true", help="skip the plain-eager comparison")
-    ap.add_argument("--int8", action="store_true", help="also time row-wise int8 MLPs (dynamic quantisation)")
+    ap.add_argument("--no-int8", action="store_true", help="skip the row-wise int8 MLPs (dynamic quantisation)")
     ap.add_argument("--bf16-tables", action="store_true", help="also time bf16 with the tables cast to bfloat16")
     ap.add_argument(
         "--quality", nargs=2, metavar=("ARTIFACTS", "TEST_TSV"),
