@@ -36,6 +36,10 @@ Options:
                          copy of the tables on its GPU); pass --workers <GPUs>
   --workers N            minWorkers = maxWorkers (default: 2; 1 with --device gpu)
   --threads N            torch/onnxruntime threads per worker; 0 = cores / workers (default: 0)
+  --precision P          auto | fp32 | bf16 (default: auto): what the torch backend
+                         computes in; auto = bf16 on a CPU with native bfloat16
+                         (AMX or AVX512-BF16), fp32 elsewhere (docs/precision.md).
+                         onnxruntime archives are fp32 (auto means fp32 there)
   --batch-size N         TorchServe dynamic batch: most requests per batch (default: 16)
   --max-batch-delay MS   TorchServe dynamic batch: longest wait to fill it, >= 1 (default: 1;
                          TorchServe reads 0 in model-config.yaml as unset and waits 100 ms;
@@ -70,6 +74,7 @@ ARCHIVE_FORMAT=default
 WORKERS=
 DEVICE=cpu
 THREADS=0
+PRECISION=auto
 BATCH_SIZE=16
 MAX_BATCH_DELAY=1
 MAX_ROWS=8192
@@ -94,6 +99,7 @@ while [ $# -gt 0 ]; do
     --workers) need_value "$@"; WORKERS=$2; shift 2 ;;
     --device) need_value "$@"; DEVICE=$2; shift 2 ;;
     --threads) need_value "$@"; THREADS=$2; shift 2 ;;
+    --precision) need_value "$@"; PRECISION=$2; shift 2 ;;
     --batch-size) need_value "$@"; BATCH_SIZE=$2; shift 2 ;;
     --max-batch-delay) need_value "$@"; MAX_BATCH_DELAY=$2; shift 2 ;;
     --max-rows) need_value "$@"; MAX_ROWS=$2; shift 2 ;;
@@ -123,6 +129,12 @@ case "$DEVICE" in
   gpu) : "${WORKERS:=1}" ;;  # tables are copied per worker onto its GPU: one worker per GPU
   *) die "--device must be cpu or gpu, got '$DEVICE'" ;;
 esac
+case "$PRECISION" in
+  auto|fp32|bf16) ;;
+  *) die "--precision must be auto, fp32 or bf16, got '$PRECISION'" ;;
+esac
+[ "$BACKEND" = onnxruntime ] && [ "$PRECISION" = bf16 ] \
+  && die "--precision bf16 needs --backend torch (the onnxruntime backend runs fp32)"
 case "$ARCHIVE_FORMAT" in
   default|no-archive|zip-store) ;;
   *) die "--archive-format must be default, no-archive or zip-store, got '$ARCHIVE_FORMAT'" ;;
@@ -158,7 +170,7 @@ if [ -z "$BACKEND" ]; then
   bash "$ROOT/$(basename "$0")" "${ORIG_ARGS[@]}" --backend torch
   PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" "$PY" -m dlrm_serve.cli export-onnx --artifacts "$ARTIFACTS" --if-needed \
     || die "could not export '$ARTIFACTS' to ONNX (see above)"
-  exec bash "$ROOT/$(basename "$0")" "${ORIG_ARGS[@]}" --backend onnxruntime
+  exec bash "$ROOT/$(basename "$0")" "${ORIG_ARGS[@]}" --backend onnxruntime --precision fp32
 fi
 
 EXTRA=("$ARTIFACTS/dlrm.json")
@@ -205,6 +217,7 @@ dlrm:
   max_rows: $MAX_ROWS
   threads: $THREADS
   touch_tables: $TOUCH_TABLES
+  precision: $PRECISION
 EOF
 
 EXTRA_CSV=$(IFS=,; echo "${EXTRA[*]}")
@@ -261,4 +274,4 @@ job_queue_size=128
 EOF
   echo "wrote the KServe layout $KSERVE_OUT (config/config.properties, model-store/$MODEL_NAME.mar)"
 fi
-echo "built $OUT (model $MODEL_NAME, version $VERSION, backend $BACKEND, device $DEVICE, $WORKERS workers, batch $BATCH_SIZE / ${MAX_BATCH_DELAY} ms)"
+echo "built $OUT (model $MODEL_NAME, version $VERSION, backend $BACKEND, device $DEVICE, precision $PRECISION, $WORKERS workers, batch $BATCH_SIZE / ${MAX_BATCH_DELAY} ms)"

@@ -8,7 +8,9 @@ Inputs are random Criteo-style rows (hex ids, one per bag) encoded by the
 serving encoder; each variant is timed on the same decoded batch, from
 numpy arrays to numpy probabilities, as a backend's ``predict`` is.
 
-Variants: ``torch eager`` (the model as served), ``torch jit`` (traced and
+Variants: ``torch eager`` (the model as served, fp32), ``torch bf16``
+(``TorchBackend(precision="bf16")``: bfloat16 MLPs and interaction, CPU
+only; see docs/precision.md), ``torch jit`` (traced and
 frozen TorchScript), ``torch.compile`` (inductor, dynamic shapes; skipped
 with its error when it does not work here) and ``onnxruntime`` (the
 :class:`OnnxBackend` as served: batch pieces on its threads, the one-id
@@ -50,6 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import connector, drive, gemm_gflops, machine_info, machine_line, markdown_table, save_plot, time_interleaved, write_markdown  # noqa: E402
 
 from dlrm_serve.artifacts import load_model, save_artifacts  # noqa: E402
+from dlrm_serve.backends import TorchBackend  # noqa: E402
 from dlrm_serve.config import preset  # noqa: E402
 from dlrm_serve.export import export_onnx  # noqa: E402
 from dlrm_serve.features import FeatureBatch, FeatureEncoder  # noqa: E402
@@ -63,6 +66,7 @@ SERVE_ROWS = (1, 64, 1024)
 ORT = "onnxruntime"
 ORT_GENERAL = "onnxruntime general graph"
 ORT_INTRA = "onnxruntime intra-op threads"
+TORCH_BF16 = "torch bf16"
 
 
 def bench_config(max_rows: int):
@@ -108,6 +112,9 @@ def build_variants(artifacts: Path, device: str, threads: int, compile_: bool, s
     model = load_model(artifacts).to(device)
     one, multi, missing = {}, {}, {}
     one["torch eager"] = multi["torch eager"] = torch_runner(model, device)
+    if device == "cpu":
+        bf16 = TorchBackend(artifacts, precision="bf16").model
+        one[TORCH_BF16] = multi[TORCH_BF16] = torch_runner(bf16, device)
 
     try:
         with torch.inference_mode():
@@ -251,7 +258,10 @@ def serve_comparison(artifacts: Path, encoder: FeatureEncoder, work: Path, threa
 # ----- report ---------------------------------------------------------------------------------
 def table(results: dict, names: list[str], roofline: float) -> str:
     torch_names = [n for n in names if not n.startswith(ORT)]
+    fp32_names = [n for n in names if n != TORCH_BF16]
     headers = ["batch"] + [f"{n} samples/s (roofline)" for n in names] + ["ORT / best torch", "max abs diff vs eager"]
+    if TORCH_BF16 in names:
+        headers.append("bf16 max abs diff vs eager")
     rows = []
     for b, per in results.items():
         cells = [b]
@@ -260,7 +270,9 @@ def table(results: dict, names: list[str], roofline: float) -> str:
             cells.append(f"{rate:,.0f} ({rate / roofline:.1%})")
         best = max(per[n][0] for n in torch_names)
         cells.append(f"{per[ORT][0] / best:.2f}")
-        cells.append(f"{max(per[n][1] for n in names):.1e}")
+        cells.append(f"{max(per[n][1] for n in fp32_names):.1e}")
+        if TORCH_BF16 in names:
+            cells.append(f"{per[TORCH_BF16][1]:.1e}")
         rows.append(cells)
     return markdown_table(headers, rows)
 

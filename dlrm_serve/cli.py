@@ -62,11 +62,18 @@ def _add_generate(sub) -> None:
 
 
 def _add_score(sub) -> None:
+    from .backends import PRECISIONS  # numpy-only at import
+
     p = sub.add_parser("score", help="score a Criteo TSV or JSON-lines file offline, one probability per line")
     p.add_argument("input", help="Criteo TSV (labelled or not, .gz ok) or JSON lines of instances")
     p.add_argument("--artifacts", default="artifacts")
     p.add_argument("--out", required=True, help="output file, one probability per line")
     p.add_argument("--backend", default="torch", help="torch or onnxruntime")
+    p.add_argument(
+        "--precision", choices=PRECISIONS, default="auto",
+        help="what the torch backend computes in; auto (default) = bf16 on a CPU with native bfloat16 "
+        "(AMX or AVX512-BF16), else fp32; onnxruntime runs fp32",
+    )
     p.add_argument("--batch-rows", type=int, default=4096)
 
     def run(args):

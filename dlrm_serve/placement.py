@@ -265,7 +265,7 @@ def place_worker(settings: dict, context) -> Placement:
 
 def backend_options(settings: dict, placement: Placement) -> dict:
     """The ``load_backend`` keyword arguments for ``placement`` and the device settings."""
-    options = {"device": placement.device, "device_reason": placement.reason}
+    options = {"device": placement.device, "device_reason": placement.reason, "precision": settings.get("precision", "fp32")}
     if placement.is_cuda:
         options["tables"] = settings.get("tables", "auto")
         options["memory_share"] = settings.get("gpu_memory_share", DEFAULT_MEMORY_SHARE)

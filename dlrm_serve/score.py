@@ -85,17 +85,19 @@ def score_file(
     out: str | os.PathLike,
     *,
     backend: str = "torch",
+    precision: str = "fp32",
     batch_rows: int = 4096,
     progress: bool | None = None,
 ) -> int:
     """Score ``input_path`` with the model in ``artifacts``; returns the number of rows.
 
     ``out`` is written under a temporary name and renamed when complete, so a
-    failed run leaves no half-written file behind.
+    failed run leaves no half-written file behind.  ``precision``: as for
+    :func:`~dlrm_serve.backends.load_backend` (``fp32``, ``bf16`` or ``auto``).
     """
     from tqdm import tqdm
 
-    model = load_backend(artifacts, kind=backend)
+    model = load_backend(artifacts, kind=backend, precision=precision)
     encoder = FeatureEncoder(model.config)
     out = Path(out)
     tmp = out.with_name(out.name + ".part")
@@ -116,5 +118,8 @@ def score_file(
 
 def score_command(args) -> None:
     """``dlrm-serve score``: the CLI flags as a :func:`score_file` call."""
-    rows = score_file(args.artifacts, args.input, args.out, backend=args.backend, batch_rows=args.batch_rows)
+    rows = score_file(
+        args.artifacts, args.input, args.out, backend=args.backend, precision=args.precision,
+        batch_rows=args.batch_rows,
+    )
     print(f"wrote {rows} probabilities to {args.out}")

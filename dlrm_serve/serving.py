@@ -19,7 +19,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from . import oip
-from .backends import Backend
+from .backends import Backend, check_precision
 from .codecs import MAX_ROWS, decode_request, fast_request, predictions_body
 from .errors import DLRMServeError, InternalError, InvalidInput
 from .explain import EXPLAIN_MAX_ROWS
@@ -103,6 +103,13 @@ def _share(name: str, v: Any) -> float:
     return float(v)
 
 
+def _precision(name: str, v: Any) -> str:
+    try:
+        return check_precision(v)
+    except ValueError as e:
+        raise ValueError(f"model-config.yaml: dlrm.{name}: {e}") from None
+
+
 # key -> (default, checker).  One line per setting; the checker names the key.
 SETTINGS: dict[str, tuple[Any, Callable[[str, Any], Any]]] = {
     "backend": ("torch", _string),
@@ -117,6 +124,9 @@ SETTINGS: dict[str, tuple[Any, Callable[[str, Any], Any]]] = {
     "cuda_graphs": (True, _flag),  # torch on CUDA: graphs over padded batch-size buckets
     "explain_max_rows": (EXPLAIN_MAX_ROWS, _positive_int),
     "fault_hang_on": ("", _string),  # TEST-ONLY fault hook, see hang_if_marked; "" (off) in every built archive
+    # fp32 when absent, so archives built before the key existed serve as they did;
+    # build_mar.sh writes "auto" (bf16 on CPUs with native bf16) unless told otherwise.
+    "precision": ("fp32", _precision),
 }
 
 

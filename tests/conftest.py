@@ -37,8 +37,16 @@ def java_ok() -> bool:
 
 
 def build_archive(artifacts: Path, store: Path, *args: str) -> Path:
-    """Run ./build_mar.sh; fail the test with its output when it fails."""
-    cmd = ["bash", str(ROOT / "build_mar.sh"), "--artifacts", str(artifacts), "--model-store", str(store), *args]
+    """Run ./build_mar.sh; fail the test with its output when it fails.
+
+    Archives are fp32 unless ``args`` say otherwise (a later ``--precision``
+    wins): the tests compare them with the fp32 in-process backend to 1e-6,
+    and build_mar.sh's default (auto) is bf16 on CPUs with native bfloat16.
+    """
+    cmd = [
+        "bash", str(ROOT / "build_mar.sh"), "--artifacts", str(artifacts), "--model-store", str(store),
+        "--precision", "fp32", *args,
+    ]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     if r.returncode != 0:
         pytest.fail(f"build_mar.sh failed ({r.returncode}):\n{r.stdout}\n{r.stderr}")

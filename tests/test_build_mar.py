@@ -116,7 +116,7 @@ def test_archive_contents_and_settings(model_store):
     assert settings == {
         "minWorkers": 2, "maxWorkers": 2, "batchSize": 16, "maxBatchDelay": 1,
         "responseTimeout": 120, "startupTimeout": 120,
-        "dlrm": {"backend": "torch", "max_rows": 8192, "threads": 0, "touch_tables": False},
+        "dlrm": {"backend": "torch", "max_rows": 8192, "threads": 0, "touch_tables": False, "precision": "fp32"},
     }
 
 

@@ -309,6 +309,7 @@ def test_read_settings():
         **DEVICE_DEFAULTS,
         "explain_max_rows": EXPLAIN_MAX_ROWS,
         "fault_hang_on": "",
+        "precision": "fp32",
     }
     assert read({"maxWorkers": 2}, cpu_count=4)["threads"] == 2
     assert read({"maxWorkers": 8}, cpu_count=2)["threads"] == 1
@@ -317,6 +318,7 @@ def test_read_settings():
         **DEVICE_DEFAULTS,
         "explain_max_rows": EXPLAIN_MAX_ROWS,
         "fault_hang_on": "",
+        "precision": "fp32",
     }
     assert read({"dlrm": {"explain_max_rows": 32}})["explain_max_rows"] == 32
     assert read({"dlrm": {"touch_tables": True}})["touch_tables"] is True
