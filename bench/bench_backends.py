@@ -204,7 +204,7 @@ def serve_comparison(artifacts: Path, encoder: FeatureEncoder, work: Path, threa
     # Default build_mar.sh: dlrm.mar and dlrm_onnx.mar; one worker each, with
     # all the cores, as the in-process runs have.
     r = subprocess.run(
-        ["bash", str(ROOT / "build_mar.sh"), "--artifacts", str(artifacts), "--model-store", str(store),
+        ["bash", str(ROOT / "build_mar.sh"), "--precision", "fp32", "--artifacts", str(artifacts), "--model-store", str(store),
          "--workers", "1", "--threads", str(threads), "--batch-size", "8"],
         cwd=ROOT, capture_output=True, text=True,
     )

@@ -172,7 +172,7 @@ def zip_store_run(args, work: Path, store: Path, kaggle: Path, ts: TorchServe, o
     log("building a zip-store archive of the Kaggle-size model")
     t = time.perf_counter()
     cmd = [
-        "bash", str(ROOT / "build_mar.sh"), "--artifacts", str(kaggle), "--model-store", str(store),
+        "bash", str(ROOT / "build_mar.sh"), "--precision", "fp32", "--artifacts", str(kaggle), "--model-store", str(store),
         "--model-name", "kaggle_zip", "--archive-format", "zip-store", "--workers", "1",
     ]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)

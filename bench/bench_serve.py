@@ -79,7 +79,7 @@ def demo_artifacts(requested: str | None, scratch: Path) -> tuple[Path, str]:
 class InProcess:
     """The forward pass alone, in this process, on ``rows``-row batches of the same kind of rows."""
 
-    def __init__(self, artifacts: Path, encoder: FeatureEncoder, rows: int):
+    def __init__(self, artifacts: Path, encoder: FeatureEncoder, rows: int, precision: str = "fp32"):
         import torch
 
         from dlrm_serve.backends import load_backend
@@ -87,7 +87,7 @@ class InProcess:
         self.torch = torch
         self.rows = rows
         self.batch = encoder.encode_columns(*random_columns(encoder.config, rows, seed=7))
-        self.backend = load_backend(artifacts, "torch")
+        self.backend = load_backend(artifacts, "torch", precision=precision)
         self.cores = os.cpu_count() or 1
 
     def _run(self, threads: int):
@@ -262,6 +262,8 @@ def parser(name: str = NAME, transports: str = "rest", library: bool = False) ->
     p.add_argument("--artifacts", default=None, help="artifacts to serve (default: artifacts/, else a random demo model)")
     p.add_argument("--workers", type=int, default=2, help="TorchServe workers for the model (default: 2)")
     p.add_argument("--threads", type=int, default=0, help="torch threads per worker; 0 = cores / workers")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "auto"],
+                   help="the archive's and the in-process forward's precision (default fp32, so runs compare)")
     p.add_argument("--batch-size", type=int, default=16, help="TorchServe dynamic batch size at registration (default: 16)")
     p.add_argument("--max-batch-delay", type=int, default=1, help="ms TorchServe waits to fill a batch (default: 1, as in the archive)")
     p.add_argument("--seconds", type=float, default=None, help="seconds per cell and transport (default 3, quick 1)")
@@ -301,7 +303,7 @@ def main(argv: list[str] | None = None, *, defaults: dict | None = None) -> int:
         from dlrm_serve.artifacts import load_config
 
         encoder = FeatureEncoder(load_config(artifacts))
-        local = InProcess(artifacts, encoder, max(sizes))
+        local = InProcess(artifacts, encoder, max(sizes), args.precision)
         refs = [local.measure(rounds=5 if args.quick else 15)]
         print(f"in-process forward, {max(sizes)}-row batches: {refs[0]['rows_per_s']:.0f} rows/s ({refs[0]['best']})")
 
@@ -310,7 +312,7 @@ def main(argv: list[str] | None = None, *, defaults: dict | None = None) -> int:
         build = [
             "bash", str(ROOT / "build_mar.sh"), "--artifacts", str(artifacts), "--model-store", str(store),
             "--model-name", "bench", "--workers", str(args.workers), "--threads", str(args.threads),
-            "--archive-format", "zip-store",
+            "--archive-format", "zip-store", "--precision", args.precision,
         ]
         subprocess.run(build, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
         bodies = {(fmt, rows): request_bodies(encoder, fmt, rows, copies=4) for fmt in formats for rows in sizes}
@@ -326,7 +328,7 @@ def main(argv: list[str] | None = None, *, defaults: dict | None = None) -> int:
                 from dlrm_serve.backends import load_backend
                 from dlrm_serve.serving import Predictor
 
-                predictor = Predictor(load_backend(artifacts, "torch", threads=args.threads or None))
+                predictor = Predictor(load_backend(artifacts, "torch", threads=args.threads or None, precision=args.precision))
             connectors = {t: connector(t, server=server, predictor=predictor) for t in transports}
             # The Java frontend apart from the Python workers (and the idle launcher).
             served = common.server_processes(server)
@@ -390,7 +392,7 @@ def main(argv: list[str] | None = None, *, defaults: dict | None = None) -> int:
         f"{load_before[0]:.2f} before, {load_after[0]:.2f} after (other processes share the CPU; "
         "the clients run on the same cores as the server).\n\n"
         f"Model: {origin}, {encoder.config.total_rows} table rows x {encoder.config.embedding_dim}. "
-        f"Server: TorchServe 0.12, {args.workers} workers, torch threads per worker {args.threads or 'cores / workers'}, "
+        f"Server: TorchServe 0.12, precision {args.precision}, {args.workers} workers, torch threads per worker {args.threads or 'cores / workers'}, "
         f"batchSize {args.batch_size}, maxBatchDelay {args.max_batch_delay} ms, {len(workers)} workers up at the end. "
         f"Each cell: {seconds:g} s per transport in {rounds} interleaved round(s); one connection per client thread "
         "(REST keep-alive http.client; gRPC one channel, the body as input `data`; in-process: Predictor.handle).\n\n"

@@ -102,7 +102,7 @@ def build(artifacts: Path, store: Path, name: str, *args: str) -> Path:
     log(f"building {out} from {artifacts}")
     t = time.perf_counter()
     cmd = [
-        "bash", str(ROOT / "build_mar.sh"), "--artifacts", str(artifacts), "--model-store", str(store),
+        "bash", str(ROOT / "build_mar.sh"), "--precision", "fp32", "--artifacts", str(artifacts), "--model-store", str(store),
         "--model-name", name, "--archive-format", "no-archive", *args,
     ]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)

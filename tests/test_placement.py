@@ -86,16 +86,17 @@ def test_place_worker_on_this_cpu_machine(gpu_id):
         settings = read_settings({"dlrm": {"backend": backend}})
         p = place_worker(settings, ctx)
         assert p.device == "cpu" and "CUDA is not usable here" in p.reason
-        assert backend_options(settings, p) == {"device": "cpu", "device_reason": p.reason}
+        assert backend_options(settings, p) == {"device": "cpu", "device_reason": p.reason, "precision": "fp32"}
         with pytest.raises(DeviceError, match="CUDA"):
             place_worker(read_settings({"dlrm": {"backend": backend, "device": "cuda"}}), ctx)
 
 
 def test_backend_options_for_a_gpu_worker():
-    settings = read_settings({"dlrm": {"tables": "host", "gpu_memory_share": 0.5, "cuda_graphs": False}})
+    settings = read_settings({"dlrm": {"tables": "host", "gpu_memory_share": 0.5, "cuda_graphs": False, "precision": "bf16"}})
     p = Placement("cuda:1", "why")
     assert backend_options(settings, p) == {
         "device": "cuda:1", "device_reason": "why", "tables": "host", "memory_share": 0.5, "cuda_graphs": False,
+        "precision": "bf16",
     }
     onnx = backend_options({**settings, "backend": "onnxruntime"}, p)
     assert "cuda_graphs" not in onnx and onnx["tables"] == "host"
