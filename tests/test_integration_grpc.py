@@ -222,7 +222,8 @@ def test_predict_file_matches_offline_score(torchserve, demo_artifacts, tmp_path
     assert r.returncode == 0, r.stderr
     score_out = tmp_path / "score.txt"
     r = subprocess.run(
-        [*CLI, "score", str(data), "--artifacts", str(demo_artifacts), "--out", str(score_out), "--batch-rows", "8192"],
+        [*CLI, "score", str(data), "--artifacts", str(demo_artifacts), "--out", str(score_out), "--batch-rows", "8192",
+         "--precision", "fp32"],  # as the served archive (conftest builds fp32 archives)
         capture_output=True, text=True, timeout=600,
     )
     assert r.returncode == 0, r.stderr

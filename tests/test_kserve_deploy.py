@@ -122,7 +122,8 @@ def test_custom_predictor_runs_the_kserve_command(name):
 def layout(demo_artifacts, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("kserve_layout") / "storage"
     r = subprocess.run(
-        ["bash", str(ROOT / "build_mar.sh"), "--artifacts", str(demo_artifacts), "--kserve", str(out), "--workers", "1"],
+        ["bash", str(ROOT / "build_mar.sh"), "--artifacts", str(demo_artifacts), "--kserve", str(out), "--workers", "1",
+         "--precision", "fp32"],  # compared with the fp32 model in process
         cwd=ROOT, capture_output=True, text=True,
     )
     assert r.returncode == 0, r.stdout + r.stderr

@@ -64,6 +64,7 @@ def test_numpy_layers_import_without_torch(tmp_path, demo_config):
         import dlrm_serve.backends, dlrm_serve.onnx_backend, dlrm_serve.export, dlrm_serve.memory
         import dlrm_serve.launcher, dlrm_serve.protos, dlrm_serve.procmem, dlrm_serve.packaging
         import dlrm_serve.errors, dlrm_serve.cli, dlrm_serve.data, dlrm_serve.evaluation, dlrm_serve.score
+        import dlrm_serve.oip, dlrm_serve.placement, dlrm_serve.client.rolling
         from dlrm_serve.artifacts import CONFIG_FILE, WEIGHTS_FILE, load_config
         from dlrm_serve.errors import ConfigError
         config = load_config({str(tmp_path)!r})
