@@ -103,7 +103,9 @@ def run_mlp(mlp: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
         layer = layers[i]
         if isinstance(layer, nn.Linear):
             relu = i + 1 < len(layers) and isinstance(layers[i + 1], nn.ReLU)
-            if layer.weight.dtype == torch.bfloat16 and LINEAR_POINTWISE is not None:
+            # The fused op has no backward: explanations (gradients) take addmm in bfloat16.
+            fused = LINEAR_POINTWISE is not None and not (torch.is_grad_enabled() and x.requires_grad)
+            if layer.weight.dtype == torch.bfloat16 and fused:
                 weight = layer.__dict__.get("packed_weight", layer.weight)  # see cast_for_inference
                 x = LINEAR_POINTWISE(x, weight, layer.bias, "relu" if relu else "none", [], "")
                 i += 2 if relu else 1

@@ -186,5 +186,18 @@ def test_a_bf16_archive_through_torchserve(torchserve, model_store, demo_artifac
             got = r.json()["predictions"]
             np.testing.assert_allclose(got, want, atol=1e-6, rtol=0)  # the server's bf16 is the library's
             bf16_close(got, expected(rows.instances))
+        # Explanations run on the bf16 model too (its fused layers have no backward:
+        # gradients take the plain bf16 path), and their prediction is the served one.
+        r = torchserve.call(
+            "POST", f"{torchserve.inference_url}/explanations/{name}", key="inference",
+            data=json.dumps({"instances": rows.instances[:3]}), content_type="application/json",
+        )
+        assert r.status == 200, r.text
+        for e, p in zip(r.json()["explanations"], want[:3]):
+            assert abs(e["prediction"] - p) <= 1e-6
+            logit = lambda q: np.log(q / (1 - q))  # noqa: E731
+            gap = logit(e["prediction"]) - logit(e["baseline"])
+            assert abs(sum(e["attributions"].values()) - gap - e["delta"]) < 1e-4
+            assert abs(e["delta"]) < 0.05
     finally:
         torchserve.unregister(name)
