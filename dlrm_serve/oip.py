@@ -294,8 +294,11 @@ def _sparse(t: Tensor, b: int, width: int, base64_bytes: bool) -> np.ndarray:
         values = t.data.reshape(-1).tolist() if isinstance(t.data, np.ndarray) else _flat(t, b * width)
         if len(values) != b * width:
             raise InvalidInput(f"input '{t.name}': binary data does not hold {b * width} strings")
-        texts = [_text(t, k, v, width, base64_bytes) for k, v in enumerate(values)]
-        return np.asarray(texts, dtype=np.str_).reshape(b, width)
+        texts = np.empty(b * width, dtype=object)
+        # An object array of the strings themselves: a fixed-width str array would
+        # take rows x features x the longest value (the encoder refuses long ones).
+        texts[:] = [_text(t, k, v, width, base64_bytes) for k, v in enumerate(values)]
+        return texts.reshape(b, width)
     if isinstance(t.data, np.ndarray):
         return _binary(t, b, width, "iu", "integers").astype(np.int64)
     data = _flat(t, b * width)

@@ -150,3 +150,21 @@ def test_decoding_memory_is_bounded_by_the_body(name):
     growth = peak_rss() - before
     bound = 8 * len(body) + 32 * 2**20
     assert growth < bound, f"{name}: peak grew {growth / 2**20:.1f} MiB for a {len(body) / 2**20:.1f} MiB body"
+
+
+def test_an_oip_body_with_one_huge_string_is_refused_within_bounded_memory():
+    from dlrm_serve import oip
+
+    if not can_reset_peak():
+        pytest.skip("the peak RSS cannot be reset here (/proc/self/clear_refs)")
+    huge = "a" * 4_000_000
+    body = {"inputs": [
+        {"name": "dense", "shape": [1, 13], "datatype": "FP32", "data": [1] * 13},
+        {"name": "sparse", "shape": [1, 26], "datatype": "BYTES", "data": [HEX] * 25 + [huge]},
+    ]}
+    reset_peak()
+    before = current_rss()
+    with pytest.raises(InvalidInput, match=f"input 'sparse': instance 0, field C26: .*limit of {MAX_CATEGORICAL_CHARS}"):
+        oip.decode(body, ENC, 8192)
+    # A fixed-width str array would take 26 x 4 MB x 4 bytes (416 MB) here.
+    assert peak_rss() - before < 8 * len(huge) + 32 * 2**20
