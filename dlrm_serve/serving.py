@@ -435,7 +435,8 @@ class Predictor:
                 continue
             except Exception as e:  # MemoryError included: this request fails alone
                 logger.exception("decoding request %d of the batch failed", i)
-                replies[i] = Reply.error(InternalError(
+                # Through _error like any other: the OIP shape for OIP bodies, and gRPC's stream header.
+                replies[i] = self._error(req, kind == "oip", InternalError(
                     f"decoding this request failed unexpectedly ({type(e).__name__}); "
                     "the other requests of the batch were answered"
                 ))

@@ -110,6 +110,9 @@ def test_an_unexpected_decode_failure_fails_only_its_request(monkeypatch, demo_b
     assert replies[1].body["type"] == "InternalError"
     assert "MemoryError" in replies[1].body["message"] and "internal detail" not in replies[1].body["message"]
     assert replies[0].body == replies[2].body and stats.invalid == 1
+    # Over TorchServe's gRPC the failed request still ends its stream (StreamPredictions).
+    (reply,), _ = predictor.handle([Request(b"boom", None, grpc=True)])
+    assert reply.status == 500 and reply.headers == {"ts_stream_next": "false"}
 
 
 # ----- memory bounded by the body -------------------------------------------------------------
