@@ -598,14 +598,7 @@ class FeatureEncoder:
         """
         if text_of is None:
             text_of = lambda k: bytes(buf[starts[k] : starts[k] + lengths[k]]).decode("utf-8", "replace")  # noqa: E731
-        long = lengths > MAX_CATEGORICAL_CHARS
-        if long.any():
-            cell = int(np.argmax(long))
-            raise self._cell_error(
-                cell,
-                f"a categorical string of {int(lengths[cell])} characters is longer than the limit of "
-                f"{MAX_CATEGORICAL_CHARS} (Criteo values are 8 hex digits)",
-            )
+        self._check_lengths(lengths, None)
         present = lengths > 0
         all_present = bool(present.all())
         cells = np.arange(lengths.shape[0], dtype=np.int64) if all_present else np.flatnonzero(present)
@@ -944,17 +937,20 @@ class FeatureEncoder:
             return ids, None
         return ids, lengths
 
-    def _hash_values(self, values: list[str], cells: np.ndarray) -> np.ndarray:
-        """Non-empty hex strings of the given cells -> local ids."""
-        lengths = np.fromiter(map(len, values), dtype=np.int64, count=len(values))
+    def _check_lengths(self, lengths: np.ndarray, cells: np.ndarray | None) -> None:
+        """Refuse categorical strings over the limit, naming the first (``cells[k]``, or ``k`` itself)."""
         long = lengths > MAX_CATEGORICAL_CHARS
         if long.any():
             k = int(np.argmax(long))
             raise self._cell_error(
-                int(cells[k]),
+                k if cells is None else int(cells[k]),
                 f"a categorical string of {int(lengths[k])} characters is longer than the limit of "
                 f"{MAX_CATEGORICAL_CHARS} (Criteo values are 8 hex digits)",
             )
+
+    def _hash_values(self, values: list[str], cells: np.ndarray) -> np.ndarray:
+        """Non-empty hex strings of the given cells -> local ids."""
+        self._check_lengths(np.fromiter(map(len, values), dtype=np.int64, count=len(values)), cells)
         try:
             return hash_hex(values, self.table_sizes[cells % self.num_sparse])
         except _HexError as e:
