@@ -313,20 +313,17 @@ class Client:
         kind = payloads.rows_kind(rows)
         return payloads.encode_rows(rows, kind, payload or self._format(kind), self.encoder, first_row=first_row)
 
-    def _predict_once(self, payload: Payload, rows: int | None) -> np.ndarray:
+    def send(self, payload: Payload) -> np.ndarray:
+        """One request (retried, token renewed) -> float32 probabilities."""
         # The answer is parsed inside the retry loop: over gRPC an error
         # arrives as a body, and must be retried (503) or renewed like REST's.
-        timeout = self.request_timeout(payload.rows if rows is None else rows)
+        timeout = self.request_timeout(payload.rows)
         return self._with_retries(
             "inference",
             lambda key: payloads.parse_predictions(
-                self.transport.predict(self.model, self.version, payload, key, timeout=timeout), rows
+                self.transport.predict(self.model, self.version, payload, key, timeout=timeout), payload.rows
             ),
         )
-
-    def send(self, payload: Payload) -> np.ndarray:
-        """One request (retried, token renewed) -> float32 probabilities."""
-        return self._predict_once(payload, payload.rows)
 
     def _chunk_job(self, kind: str, fmt: str, total_chunks: int):
         def job(item: tuple[int, Any]) -> np.ndarray:
