@@ -20,7 +20,7 @@ ifeq ($(GPU),1)
 	$(PY) -c 'import sys, torch; sys.exit(0 if torch.version.cuda else "make setup GPU=1: pip installed torch " + torch.__version__ + ", a CPU-only build; remove a .venv made by plain make setup, let pip reach PyPI (no CPU wheel index, find-links or constraints for torch) and rerun")'
 endif
 	$(PY) -m pip install --quiet --no-deps -e .
-	$(PY) -m dlrm_serve.protos
+	$(PY) -m dlrm_serve.client.protos
 	touch $@
 
 java:

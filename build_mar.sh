@@ -189,12 +189,12 @@ mkdir -p "$MODEL_STORE"
 STAGE=$(mktemp -d "${TMPDIR:-/tmp}/dlrm-mar.XXXXXX")
 trap 'rm -rf "$STAGE"' EXIT
 
-# Only the modules the handler imports (dlrm_serve.packaging follows its
+# Only the modules the handler imports (dlrm_serve.serve.packaging follows its
 # imports): no launcher, client, trainer or converter in the archive.
 # --extra-files copies a folder's contents; staging the package under a parent
 # keeps the dlrm_serve/ folder itself in the archive.
 mkdir -p "$STAGE/lib"
-MODULES=$(PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" "$PY" -m dlrm_serve.packaging handler/dlrm_handler.py "$ROOT") \
+MODULES=$(PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" "$PY" -m dlrm_serve.serve.packaging handler/dlrm_handler.py "$ROOT") \
   || die "could not list the modules handler/dlrm_handler.py imports"
 for rel in $MODULES; do
   mkdir -p "$STAGE/lib/$(dirname "$rel")"

@@ -24,7 +24,7 @@ run divided by ``config.flops_per_sample()``.
 A second table times multi-hot bags (1 to 3 ids per bag: the general graph
 of ONNX Runtime, ``embedding_bag`` for torch).  Unless ``--no-serve``, the
 last part serves the ``dlrm`` and ``dlrm_onnx`` archives side by side from
-one TorchServe (started with :mod:`dlrm_serve.launcher`) and compares them
+one TorchServe (started with :mod:`dlrm_serve.testing.launcher`) and compares them
 end to end over REST with the binary format.
 
 Writes ``bench/results/backends.md`` and ``bench/results/backends.png``
@@ -52,12 +52,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import connector, drive, gemm_gflops, machine_info, machine_line, markdown_table, save_plot, time_interleaved, write_markdown  # noqa: E402
 
 from dlrm_serve.artifacts import load_model, save_artifacts  # noqa: E402
-from dlrm_serve.backends import TorchBackend  # noqa: E402
+from dlrm_serve.runtime.backends import TorchBackend  # noqa: E402
 from dlrm_serve.config import preset  # noqa: E402
-from dlrm_serve.export import export_onnx  # noqa: E402
-from dlrm_serve.features import FeatureBatch, FeatureEncoder  # noqa: E402
-from dlrm_serve.model import DLRM  # noqa: E402
-from dlrm_serve.onnx_backend import OnnxBackend, cuda_provider_usable  # noqa: E402
+from dlrm_serve.runtime.export import export_onnx  # noqa: E402
+from dlrm_serve.io.features import FeatureBatch, FeatureEncoder  # noqa: E402
+from dlrm_serve.model.dlrm import DLRM  # noqa: E402
+from dlrm_serve.runtime.onnx_backend import OnnxBackend, cuda_provider_usable  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 BATCHES = (1, 8, 64, 256, 1024, 2048, 4096)
@@ -190,8 +190,8 @@ def time_variants(variants: dict, batches, encoder, rounds: int, multi_hot: bool
 # ----- end to end through TorchServe -----------------------------------------------------
 def serve_comparison(artifacts: Path, encoder: FeatureEncoder, work: Path, threads: int, seconds: float) -> dict | str:
     """rows/s of dlrm and dlrm_onnx on one TorchServe; a string says why it was skipped."""
-    from dlrm_serve.codecs import BINARY_CONTENT_TYPE, encode_binary
-    from dlrm_serve.launcher import LaunchError, TorchServe, find_torchserve
+    from dlrm_serve.io.codecs import BINARY_CONTENT_TYPE, encode_binary
+    from dlrm_serve.testing.launcher import LaunchError, TorchServe, find_torchserve
 
     try:
         find_torchserve()

@@ -29,10 +29,10 @@ import numpy as np
 
 from common import machine_line, markdown_table, time_interleaved, write_markdown
 
-from dlrm_serve.codecs import decode_json, decode_request, decode_tsv, encode_binary
+from dlrm_serve.io.codecs import decode_json, decode_request, decode_tsv, encode_binary
 from dlrm_serve.config import preset
-from dlrm_serve.data import PlantedModel
-from dlrm_serve.features import FeatureEncoder
+from dlrm_serve.io.data import PlantedModel
+from dlrm_serve.io.features import FeatureEncoder
 
 
 def bodies(n: int, seed: int) -> dict[str, object]:

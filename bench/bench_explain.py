@@ -5,13 +5,13 @@ first when the folder holds no model), with held-out rows drawn fresh from
 the planted click model behind that data:
 
 1. ``n_steps``: |delta| (logit scale) of Integrated Gradients for a range of
-   Gauss-Legendre point counts; the library's :data:`~dlrm_serve.explain.N_STEPS`
+   Gauss-Legendre point counts; the library's :data:`~dlrm_serve.runtime.explain.N_STEPS`
    should be the smallest count with |delta| < 0.01 for 95% of rows.
 2. Cost: explaining 50 rows (the issue's target: at most 200 ms on 2 cores),
    timed in interleaved rounds with the plain 50-row forward pass and a
    GEMM, so ratios survive a busy machine.
 3. Truth: each feature's mean |attribution| against its planted effect
-   (:func:`~dlrm_serve.explain_tools.planted_effects`), Spearman rank correlation,
+   (:func:`~dlrm_serve.offline.explain_tools.planted_effects`), Spearman rank correlation,
    and where the features without a planted effect rank; for fp32 and int8 tables.
 
 Writes ``bench/results/explain.md`` and ``explain.png`` (attribution vs truth)
@@ -34,11 +34,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import gemm_gflops, machine_line, markdown_table, save_plot, time_interleaved, write_markdown  # noqa: E402
 
-from dlrm_serve.backends import load_backend  # noqa: E402
-from dlrm_serve.explain import N_STEPS, Explainer  # noqa: E402
-from dlrm_serve.explain_tools import global_importance, importance_chart, planted_check, planted_rows  # noqa: E402
-from dlrm_serve.quantize import quantize_artifacts  # noqa: E402
-from dlrm_serve.train import TrainOptions, train  # noqa: E402
+from dlrm_serve.runtime.backends import load_backend  # noqa: E402
+from dlrm_serve.runtime.explain import N_STEPS, Explainer  # noqa: E402
+from dlrm_serve.offline.explain_tools import global_importance, importance_chart, planted_check, planted_rows  # noqa: E402
+from dlrm_serve.model.quantize import quantize_artifacts  # noqa: E402
+from dlrm_serve.offline.train import TrainOptions, train  # noqa: E402
 
 STEPS = (8, 16, 24, 32, 40, 48, 64, 96, 128)
 ROOT = Path(__file__).resolve().parents[1]

@@ -58,10 +58,10 @@ from common import (  # noqa: E402
 )
 
 from dlrm_serve.artifacts import save_artifacts  # noqa: E402
-from dlrm_serve.backends import TorchBackend  # noqa: E402
+from dlrm_serve.runtime.backends import TorchBackend  # noqa: E402
 from dlrm_serve.config import preset  # noqa: E402
-from dlrm_serve.features import FeatureEncoder  # noqa: E402
-from dlrm_serve.model import DLRM  # noqa: E402
+from dlrm_serve.io.features import FeatureEncoder  # noqa: E402
+from dlrm_serve.model.dlrm import DLRM  # noqa: E402
 
 GEMM_N = 2048
 # The bf16 forward's target at the largest batch, in multiples of the FP32 GEMM roofline.
@@ -131,8 +131,8 @@ def variants_of(artifacts: str, args, quality_only: bool = False) -> dict:
 
 def quality(artifacts: str, test_tsv: str, args) -> list[list]:
     """Per variant: test AUC, log loss and largest |Δp| against fp32 on a trained model's test rows."""
-    from dlrm_serve.data import encode_chunk, read_criteo
-    from dlrm_serve.evaluation import log_loss, roc_auc
+    from dlrm_serve.io.data import encode_chunk, read_criteo
+    from dlrm_serve.offline.evaluation import log_loss, roc_auc
 
     variants = variants_of(artifacts, args, quality_only=True)
     encoder = FeatureEncoder(variants["fp32"].config)

@@ -81,8 +81,8 @@ from ts_logs import worker_phases  # noqa: E402
 
 from dlrm_serve.artifacts import WEIGHTS_FILE, load_config  # noqa: E402
 from dlrm_serve.config import DEMO_TABLE_SIZES, preset  # noqa: E402
-from dlrm_serve.launcher import TorchServe  # noqa: E402
-from dlrm_serve.procmem import evict_from_page_cache, process_memory, torchserve_workers  # noqa: E402
+from dlrm_serve.testing.launcher import TorchServe  # noqa: E402
+from dlrm_serve.testing.procmem import evict_from_page_cache, process_memory, torchserve_workers  # noqa: E402
 
 PARTS = ("cold", "memory", "throughput", "int8")
 MB = 1e6
@@ -276,7 +276,7 @@ def part_memory(args, work: Path, store: Path, models: dict[str, Path]) -> dict:
 def with_tables(model, weight):
     """``model``'s MLPs over the float32 table ``weight`` (assigned, not copied)."""
     from dlrm_serve.config import CRITEO_KAGGLE_TABLE_SIZES
-    from dlrm_serve.model import DLRM
+    from dlrm_serve.model.dlrm import DLRM
 
     if weight.shape[0] != sum(CRITEO_KAGGLE_TABLE_SIZES):
         raise ValueError(f"expected the Kaggle-size table, got {list(weight.shape)}")
@@ -291,9 +291,9 @@ def with_tables(model, weight):
 def part_throughput(args, work: Path, store: Path, models: dict[str, Path]) -> dict:
     import torch
 
-    from dlrm_serve.backends import load_backend
-    from dlrm_serve.features import FeatureEncoder
-    from dlrm_serve.memory import touch_tables
+    from dlrm_serve.runtime.backends import load_backend
+    from dlrm_serve.io.features import FeatureEncoder
+    from dlrm_serve.runtime.memory import touch_tables
 
     threads = args.threads
     torch.set_num_threads(threads)
@@ -376,9 +376,9 @@ def part_throughput(args, work: Path, store: Path, models: dict[str, Path]) -> d
 # ----- part: int8 accuracy -----------------------------------------------------------------
 def part_int8(args, work: Path) -> dict:
     from dlrm_serve.artifacts import load_model
-    from dlrm_serve.evaluation import log_loss, roc_auc
-    from dlrm_serve.features import FeatureEncoder
-    from dlrm_serve.train import iter_rows, predict_rows
+    from dlrm_serve.offline.evaluation import log_loss, roc_auc
+    from dlrm_serve.io.features import FeatureEncoder
+    from dlrm_serve.offline.train import iter_rows, predict_rows
 
     tag = "default" if args.train_rows is None else str(args.train_rows)
     trained = work / f"trained-{tag}"

@@ -1,6 +1,6 @@
 """End-to-end throughput and latency through TorchServe, per transport and payload.
 
-Starts a private TorchServe (dlrm_serve.launcher, free loopback ports), builds
+Starts a private TorchServe (dlrm_serve.testing.launcher, free loopback ports), builds
 the archive with ./build_mar.sh, registers it with the benchmark's batching
 settings, and drives it with :func:`common.drive` (one connection per client
 thread) for JSON, TSV and binary payloads of 1, 64 and 1024 rows at
@@ -8,7 +8,7 @@ concurrency 1, 4 and 16, over the transports asked for:
 
 - ``rest``: keep-alive ``http.client`` connections;
 - ``grpc``: one channel per client, the body as the input ``data``;
-- ``inprocess``: the same decode + forward (``dlrm_serve.serving.Predictor``)
+- ``inprocess``: the same decode + forward (``dlrm_serve.serve.serving.Predictor``)
   in this process, no TorchServe: the cost of the server around it.
 
 With several transports each cell runs them in interleaved rounds (A B, B A,
@@ -48,8 +48,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 from common import CONTENT_TYPES, TRANSPORTS, connector, drive, random_columns, request_bodies  # noqa: E402
 
-from dlrm_serve.features import FeatureEncoder  # noqa: E402
-from dlrm_serve.launcher import TorchServe  # noqa: E402
+from dlrm_serve.io.features import FeatureEncoder  # noqa: E402
+from dlrm_serve.testing.launcher import TorchServe  # noqa: E402
 
 __all__ = ["main", "parser", "demo_artifacts"]
 
@@ -67,8 +67,8 @@ def demo_artifacts(requested: str | None, scratch: Path) -> tuple[Path, str]:
     import torch
 
     from dlrm_serve.config import preset
-    from dlrm_serve.model import DLRM
-    from dlrm_serve.weights import save_artifacts
+    from dlrm_serve.model.dlrm import DLRM
+    from dlrm_serve.model.weights import save_artifacts
 
     torch.manual_seed(0)
     out = scratch / "artifacts"
@@ -82,7 +82,7 @@ class InProcess:
     def __init__(self, artifacts: Path, encoder: FeatureEncoder, rows: int, precision: str = "fp32"):
         import torch
 
-        from dlrm_serve.backends import load_backend
+        from dlrm_serve.runtime.backends import load_backend
 
         self.torch = torch
         self.rows = rows
@@ -325,8 +325,8 @@ def main(argv: list[str] | None = None, *, defaults: dict | None = None) -> int:
             server.wait_ready("bench", workers=args.workers)
             predictor = None
             if "inprocess" in transports:
-                from dlrm_serve.backends import load_backend
-                from dlrm_serve.serving import Predictor
+                from dlrm_serve.runtime.backends import load_backend
+                from dlrm_serve.serve.serving import Predictor
 
                 predictor = Predictor(load_backend(artifacts, "torch", threads=args.threads or None, precision=args.precision))
             connectors = {t: connector(t, server=server, predictor=predictor) for t in transports}

@@ -349,7 +349,7 @@ class GrpcConnection:
     def __init__(self, target: str, model: str, key: str | None, timeout: float = 300.0):
         import grpc
 
-        from dlrm_serve import protos
+        from dlrm_serve.client import protos
 
         self.grpc = grpc
         self.pb = protos.load()
@@ -374,10 +374,10 @@ class GrpcConnection:
 
 
 class InProcessConnection:
-    """The serving path without TorchServe: :class:`dlrm_serve.serving.Predictor` in this process."""
+    """The serving path without TorchServe: :class:`dlrm_serve.serve.serving.Predictor` in this process."""
 
     def __init__(self, predictor):
-        from dlrm_serve.serving import Request
+        from dlrm_serve.serve.serving import Request
 
         self.predictor, self.Request = predictor, Request
 

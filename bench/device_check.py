@@ -45,8 +45,8 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from dlrm_serve.config import preset  # noqa: E402  (stdlib only)
-from dlrm_serve.cuda_runner import CudaRunner  # noqa: E402  (torch only)
-from dlrm_serve.model import DLRM  # noqa: E402  (torch only)
+from dlrm_serve.runtime.cuda_runner import CudaRunner  # noqa: E402  (torch only)
+from dlrm_serve.model.dlrm import DLRM  # noqa: E402  (torch only)
 
 BATCHES = (1, 256, 4096, 32768)
 QUICK_BATCHES = (1, 256, 4096)
@@ -274,7 +274,7 @@ def onnxruntime_variant(config, template, device, batches, inputs, min_s, clock,
     if missing:
         notes.append(f"onnxruntime: not measured, missing {', '.join(missing)}")
         return []
-    from dlrm_serve.onnx_backend import OnnxBackend, cuda_provider_usable, ort_cuda_report
+    from dlrm_serve.runtime.onnx_backend import OnnxBackend, cuda_provider_usable, ort_cuda_report
 
     if device.type == "cuda" and not cuda_provider_usable(device.index or 0):
         notes.append(f"onnxruntime: not measured: {ort_cuda_report()}")
@@ -283,8 +283,8 @@ def onnxruntime_variant(config, template, device, batches, inputs, min_s, clock,
         notes.append("onnxruntime: skipped, out of time (export and load of the tables take a while)")
         return []
     from dlrm_serve.artifacts import save_artifacts
-    from dlrm_serve.export import export_onnx
-    from dlrm_serve.features import FeatureBatch
+    from dlrm_serve.runtime.export import export_onnx
+    from dlrm_serve.io.features import FeatureBatch
 
     try:
         with tempfile.TemporaryDirectory(prefix="dlrm-device-check-") as tmp:

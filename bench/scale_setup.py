@@ -30,8 +30,8 @@ from common import CONTENT_TYPES, random_columns  # noqa: E402
 
 from dlrm_serve.artifacts import WEIGHTS_FILE  # noqa: E402
 from dlrm_serve.config import preset  # noqa: E402
-from dlrm_serve.launcher import TorchServe  # noqa: E402
-from dlrm_serve.procmem import evict_from_page_cache  # noqa: E402
+from dlrm_serve.testing.launcher import TorchServe  # noqa: E402
+from dlrm_serve.testing.procmem import evict_from_page_cache  # noqa: E402
 
 BINARY = CONTENT_TYPES["binary"]
 
@@ -65,7 +65,7 @@ def ensure_artifacts(folder: Path, make) -> Path:
 
 def init_preset(name: str, **overrides):
     def make(folder: Path) -> None:
-        from dlrm_serve.quantize import init_artifacts
+        from dlrm_serve.model.quantize import init_artifacts
 
         init_artifacts(preset(name, **overrides), folder, seed=0)
 
@@ -155,7 +155,7 @@ def variant(store: Path, base: str, name: str, workers: int, touch: bool, thread
 
 def onnx_artifacts(kaggle: Path, work: Path) -> Path:
     """``WORK/kaggle-onnx``: the Kaggle-size artifacts (weights hard-linked) plus their ONNX export."""
-    from dlrm_serve.export import onnx_problem
+    from dlrm_serve.runtime.export import onnx_problem
 
     folder = work / "kaggle-onnx"
     fresh = (
@@ -174,7 +174,7 @@ def onnx_artifacts(kaggle: Path, work: Path) -> Path:
         shutil.copy2(kaggle / WEIGHTS_FILE, folder / WEIGHTS_FILE)
     log(f"exporting {folder} to ONNX")
     t = time.perf_counter()
-    code = "import sys; from dlrm_serve.export import export_onnx; print(export_onnx(sys.argv[1]).summary())"
+    code = "import sys; from dlrm_serve.runtime.export import export_onnx; print(export_onnx(sys.argv[1]).summary())"
     r = subprocess.run([sys.executable, "-c", code, str(folder)], cwd=ROOT, capture_output=True, text=True)
     if r.returncode != 0:
         raise RuntimeError(f"ONNX export failed:\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}")
@@ -227,8 +227,8 @@ def children(pid: int) -> list[tuple[int, str]]:
 # ----- traffic --------------------------------------------------------------------------
 def binary_body(config, rows: int, seed: int) -> bytes:
     """One binary request body of ``rows`` random Criteo-like rows."""
-    from dlrm_serve.codecs import encode_binary
-    from dlrm_serve.features import FeatureEncoder
+    from dlrm_serve.io.codecs import encode_binary
+    from dlrm_serve.io.features import FeatureEncoder
 
     return encode_binary(FeatureEncoder(config).raw_columns(*random_columns(config, rows, seed)))
 

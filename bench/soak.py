@@ -47,9 +47,9 @@ if str(ROOT) not in sys.path:
 
 from dlrm_serve.client import connect  # noqa: E402
 from dlrm_serve.client.payloads import Payload  # noqa: E402
-from dlrm_serve.codecs import encode_binary  # noqa: E402
+from dlrm_serve.io.codecs import encode_binary  # noqa: E402
 from dlrm_serve.errors import DLRMServeError, InvalidInput  # noqa: E402
-from dlrm_serve.features import FeatureEncoder  # noqa: E402
+from dlrm_serve.io.features import FeatureEncoder  # noqa: E402
 
 FORMATS = ("json", "named", "tsv", "binary")
 TRANSPORTS = ("rest", "grpc")
@@ -350,7 +350,7 @@ def served_artifacts(path: str | None, work: Path, log) -> Path:
         return Path(path)
     from dlrm_serve.artifacts import save_artifacts
     from dlrm_serve.config import preset
-    from dlrm_serve.model import DLRM
+    from dlrm_serve.model.dlrm import DLRM
     import torch
 
     torch.manual_seed(0)
@@ -382,7 +382,7 @@ def main(argv=None) -> int:
     interval = args.interval if args.interval is not None else min(20.0, max(2.0, args.duration / 30))
     work = Path(tempfile.mkdtemp(prefix="dlrm-soak-"))
     artifacts = served_artifacts(args.artifacts, work, print)
-    from dlrm_serve.backends import load_backend
+    from dlrm_serve.runtime.backends import load_backend
 
     backend = load_backend(artifacts, "torch")
     server = None
@@ -390,7 +390,7 @@ def main(argv=None) -> int:
         endpoints = dict(inference_url=args.inference_url, management_url=args.management_url,
                          grpc_target=args.grpc_target, key_file=args.key_file)  # fmt: skip
     else:
-        from dlrm_serve.launcher import TorchServe
+        from dlrm_serve.testing.launcher import TorchServe
 
         store = work / "model_store"
         subprocess.run(["bash", str(ROOT / "build_mar.sh"), "--artifacts", str(artifacts), "--model-store", str(store),

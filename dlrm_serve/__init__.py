@@ -1,7 +1,7 @@
 """dlrm-serve: serve Facebook's DLRM click-through-rate model on TorchServe.
 
-The package root imports nothing heavy; ``dlrm_serve.features``,
-``dlrm_serve.codecs`` and ``dlrm_serve.client`` need numpy only.
+The package root imports nothing heavy; ``dlrm_serve.io.features``,
+``dlrm_serve.io.codecs`` and ``dlrm_serve.client`` need numpy only.
 """
 
 __version__ = "0.1.0"

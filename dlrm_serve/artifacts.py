@@ -4,7 +4,7 @@ An artifacts folder holds ``dlrm.safetensors`` (weights), ``dlrm.json`` (the
 config) and, after training, ``metrics.json``.  This module imports no torch,
 so clients, the ONNX backend and anything that only reads a config stay
 numpy-only; the weights (written, mapped, checked) are in
-:mod:`dlrm_serve.weights`.
+:mod:`dlrm_serve.model.weights`.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import json
 import os
 from pathlib import Path
 
-from .config import DLRMConfig
-from .errors import ConfigError
+from dlrm_serve.config import DLRMConfig
+from dlrm_serve.errors import ConfigError
 
 __all__ = [
     "WEIGHTS_FILE",
@@ -23,7 +23,7 @@ __all__ = [
     "ConfigError",
     "load_config",
     "write_metrics",
-    # From dlrm_serve.weights, imported (with torch) on first use:
+    # From dlrm_serve.model.weights, imported (with torch) on first use:
     "expected_shapes",
     "extra_shapes",
     "EXTRA_PREFIX",
@@ -38,7 +38,7 @@ CONFIG_FILE = "dlrm.json"
 METRICS_FILE = "metrics.json"
 # Optional tensors stored beside the model's (not part of its state): the
 # explanation baseline, ``explain.dense_baseline`` [num_dense] and
-# ``explain.sparse_baseline`` [F, D] (see dlrm_serve.explain).
+# ``explain.sparse_baseline`` [F, D] (see dlrm_serve.runtime.explain).
 EXTRA_PREFIX = "explain."
 
 _WEIGHTS_NAMES = {"expected_shapes", "extra_shapes", "save_artifacts", "load_weights", "load_model", "check_artifacts"}
@@ -75,7 +75,7 @@ def __getattr__(name: str):
     # Callers that import the weight functions from here get them, and torch,
     # only when they ask; reading a config never loads torch.
     if name in _WEIGHTS_NAMES:
-        from . import weights
+        from dlrm_serve.model import weights
 
         return getattr(weights, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,15 +1,15 @@
-"""TorchServe handler for dlrm-serve: a thin adapter over ``dlrm_serve.serving``.
+"""TorchServe handler for dlrm-serve: a thin adapter over ``dlrm_serve.serve.serving``.
 
 It finds the artifacts in the unpacked archive, reads the free-form ``dlrm:``
-section of model-config.yaml (:func:`dlrm_serve.serving.read_settings` lists
+section of model-config.yaml (:func:`dlrm_serve.serve.serving.read_settings` lists
 the keys), and per dynamic batch maps TorchServe's request items to library
-requests, lets the :class:`~dlrm_serve.serving.Predictor` answer them, and
+requests, lets the :class:`~dlrm_serve.serve.serving.Predictor` answer them, and
 maps each reply back (per-request HTTP status, headers, JSON body).
 Decoding, validation and the model live in the library, which ships inside
 the archive.
 
 Metrics (dimensions ModelName, Level, Backend, Provider) are described in
-:class:`dlrm_serve.serving.MetricsWindow`.
+:class:`dlrm_serve.serve.serving.MetricsWindow`.
 """
 
 from __future__ import annotations
@@ -24,11 +24,11 @@ from ts.torch_handler.base_handler import BaseHandler
 from ts.utils.util import PredictionException
 
 import dlrm_serve
-from dlrm_serve.backends import load_backend
+from dlrm_serve.runtime.backends import load_backend
 from dlrm_serve.errors import DLRMServeError
-from dlrm_serve.memory import touch_backend_tables
-from dlrm_serve.placement import backend_options, place_worker
-from dlrm_serve.serving import MetricsWindow, Predictor, hang_if_marked, read_settings, request_of
+from dlrm_serve.runtime.memory import touch_backend_tables
+from dlrm_serve.runtime.placement import backend_options, place_worker
+from dlrm_serve.serve.serving import MetricsWindow, Predictor, hang_if_marked, read_settings, request_of
 
 __all__ = ["DLRMHandler"]
 

@@ -22,9 +22,9 @@ import pytest
 import torch
 
 from dlrm_serve.artifacts import save_artifacts
-from dlrm_serve.backends import load_backend
+from dlrm_serve.runtime.backends import load_backend
 from dlrm_serve.config import DEMO_TABLE_SIZES, preset
-from dlrm_serve.model import DLRM
+from dlrm_serve.model.dlrm import DLRM
 
 ROOT = Path(__file__).resolve().parents[1]
 HANDLER_DIR = ROOT / "handler"
@@ -100,7 +100,7 @@ class Rows:
         return "\n".join(self.tsv_line(i) for i in range(start, stop)) + "\n"
 
     def binary(self, encoder, start: int = 0, stop: int | None = None) -> bytes:
-        from dlrm_serve.codecs import encode_binary
+        from dlrm_serve.io.codecs import encode_binary
 
         return encode_binary(encoder.raw_instances(self.instances[start:stop]))
 
@@ -113,7 +113,7 @@ def make_rows(demo_config):
 @pytest.fixture(scope="session")
 def expected(demo_backend):
     """Reference probabilities for JSON instances, from the in-process backend."""
-    from dlrm_serve.features import FeatureEncoder
+    from dlrm_serve.io.features import FeatureEncoder
 
     encoder = FeatureEncoder(demo_backend.config)
 
@@ -140,7 +140,7 @@ def serve(start_dir: Path, store: Path, archive: str = "dlrm.mar", workers: int 
     """
     if not java_ok():
         pytest.skip("TorchServe needs Java 11+ (scripts/ensure_java.sh could not provide it)")
-    from dlrm_serve.launcher import TorchServe
+    from dlrm_serve.testing.launcher import TorchServe
 
     server = (server_class or TorchServe)(
         start_dir,

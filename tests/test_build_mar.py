@@ -15,7 +15,7 @@ import yaml
 
 from conftest import ROOT, build_archive
 
-from dlrm_serve.packaging import serving_modules
+from dlrm_serve.serve.packaging import serving_modules
 
 SCRIPT = ROOT / "build_mar.sh"
 
@@ -102,12 +102,14 @@ def test_archive_contents_and_settings(model_store):
         manifest = json.loads(z.read("MAR-INF/MANIFEST.json"))
         settings = yaml.safe_load(z.read("model-config.yaml"))
     assert {"dlrm_handler.py", "dlrm.json", "dlrm.safetensors", "model-config.yaml"} <= names
-    for module in ["__init__", "backends", "serving", "codecs", "features", "config", "errors", "artifacts", "model"]:
+    for module in ["__init__", "runtime/backends", "serve/serving", "io/codecs", "io/features", "config", "errors",
+                   "artifacts", "model/dlrm"]:
         assert f"dlrm_serve/{module}.py" in names
     # Only what the handler imports: exactly the closure, and none of the tools.
     package = {n for n in names if n.startswith("dlrm_serve/")}
     assert package == set(serving_modules(ROOT / "handler" / "dlrm_handler.py", ROOT))
-    for tool in ["launcher", "train", "reference", "cli", "data", "score", "quantize", "packaging"]:
+    for tool in ["testing/launcher", "offline/train", "model/reference", "cli/__init__", "io/data", "offline/score",
+                 "model/quantize", "serve/packaging"]:
         assert f"dlrm_serve/{tool}.py" not in names
     assert not [n for n in names if n.startswith("dlrm_serve/client/")]
     assert not [n for n in names if "__pycache__" in n or n.endswith(".pyc") or "_proto" in n]
@@ -123,7 +125,7 @@ def test_archive_contents_and_settings(model_store):
 def test_no_archive_and_zip_store_formats(tmp_path, demo_artifacts):
     build_archive(demo_artifacts, tmp_path, "--archive-format", "no-archive", "--version", "2.5", "--workers", "3")
     folder = tmp_path / "dlrm"
-    assert (folder / "dlrm_serve" / "features.py").is_file() and (folder / "dlrm.safetensors").is_file()
+    assert (folder / "dlrm_serve" / "io" / "features.py").is_file() and (folder / "dlrm.safetensors").is_file()
     assert json.loads((folder / "MAR-INF" / "MANIFEST.json").read_text())["model"]["modelVersion"] == "2.5"
     assert yaml.safe_load((folder / "model-config.yaml").read_text())["minWorkers"] == 3
     build_archive(demo_artifacts, tmp_path, "--archive-format", "zip-store", "--model-name", "stored")
@@ -179,7 +181,7 @@ def test_archive_is_self_contained(tmp_path, model_store, make_rows, expected):
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["file"].startswith(str(unpacked))
-    assert "dlrm_serve.serving" in out["modules"]
+    assert "dlrm_serve.serve.serving" in out["modules"]
     got = out["reply"]["predictions"]
     want = expected(rows.instances)
     assert max(abs(a - b) for a, b in zip(got, want)) <= 1e-6

@@ -23,16 +23,16 @@ import grpc
 import numpy as np
 import pytest
 
-from dlrm_serve import protos
+from dlrm_serve.client import protos
 from dlrm_serve.cli import main as cli_main
 from dlrm_serve.client import Client, Keys, connect, ordered_map, parse_predictions
 from dlrm_serve.client.keys import parse_expiration, read_key_file
 from dlrm_serve.client.payloads import Payload, encode_rows, error_for
 from dlrm_serve.client.transports import error_from_grpc, error_from_http
-from dlrm_serve.codecs import decode_request
+from dlrm_serve.io.codecs import decode_request
 from dlrm_serve.config import DLRMConfig
 from dlrm_serve.errors import AuthError, DLRMServeError, InvalidInput, ServerError
-from dlrm_serve.features import FeatureEncoder
+from dlrm_serve.io.features import FeatureEncoder
 
 ROOT = Path(__file__).resolve().parents[1]
 CFG = DLRMConfig(
@@ -58,7 +58,7 @@ def fake_model(body, content_type=None) -> np.ndarray:
 
 
 def expected(instances) -> np.ndarray:
-    from dlrm_serve.codecs import encode_binary
+    from dlrm_serve.io.codecs import encode_binary
 
     return fake_model(encode_binary(ENC.raw_instances(instances)), "application/x-dlrm")
 
@@ -142,7 +142,7 @@ def test_stubs_generate_from_the_installed_jar(tmp_path):
         assert (out / f"{name}.py").is_file()
     text = (out / "inference_pb2_grpc.py").read_text()
     # Package-qualified imports: nothing top-level like `import inference_pb2`.
-    assert "from dlrm_serve._proto import inference_pb2" in text
+    assert "from dlrm_serve.client._proto import inference_pb2" in text
     assert "/org.pytorch.serve.grpc.inference.InferenceAPIsService/Predictions" in text
     # A stamp from another jar makes the folder stale.
     stamp = json.loads((out / "STAMP.json").read_text())
@@ -153,7 +153,7 @@ def test_stubs_generate_from_the_installed_jar(tmp_path):
 
 def test_stubs_import_from_any_cwd(tmp_path):
     code = (
-        "from dlrm_serve import protos; s = protos.load(); "
+        "from dlrm_serve.client import protos; s = protos.load(); "
         "r = s.inference_pb2.PredictionsRequest(model_name='m', input={'data': b'x'}); "
         "print(s.management_pb2.ListModelsRequest(limit=3).limit, r.input['data'])"
     )

@@ -5,11 +5,11 @@ import json
 import numpy as np
 import pytest
 
-from dlrm_serve import codecs
-from dlrm_serve.codecs import decode_request, encode_binary, sniff, split_tsv
+from dlrm_serve.io import codecs
+from dlrm_serve.io.codecs import decode_request, encode_binary, sniff, split_tsv
 from dlrm_serve.config import preset
 from dlrm_serve.errors import InvalidInput
-from dlrm_serve.features import FeatureEncoder
+from dlrm_serve.io.features import FeatureEncoder
 
 CFG = preset("demo")
 ENC = FeatureEncoder(CFG)
@@ -161,7 +161,7 @@ def test_predictions_body_is_exact_float32():
 
 
 def test_positional_json_bytes_are_read_straight_and_agree_with_the_parser():
-    from dlrm_serve.codecs import fast_json
+    from dlrm_serve.io.codecs import fast_json
 
     rows = [dict(ROW, dense=[None, 0, -3, 7] + [12345678901] * 9), ROW]
     want = ENC.encode_instances(rows)

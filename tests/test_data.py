@@ -10,7 +10,7 @@ import pytest
 
 from dlrm_serve import cli
 from dlrm_serve.config import DEMO_TABLE_SIZES, DLRMConfig, preset
-from dlrm_serve.data import (
+from dlrm_serve.io.data import (
     PlantedModel,
     count_rows,
     encode_chunk,
@@ -20,8 +20,8 @@ from dlrm_serve.data import (
     vocab_sizes_for,
 )
 from dlrm_serve.errors import InvalidInput
-from dlrm_serve.evaluation import roc_auc
-from dlrm_serve.features import FeatureEncoder
+from dlrm_serve.offline.evaluation import roc_auc
+from dlrm_serve.io.features import FeatureEncoder
 
 SMALL = DLRMConfig(
     table_sizes=(10, 20, 30),

@@ -16,17 +16,17 @@ import torch
 
 from dlrm_serve import cli
 from dlrm_serve.artifacts import check_artifacts, load_weights, save_artifacts
-from dlrm_serve.backends import load_backend
-from dlrm_serve.codecs import encode_binary
+from dlrm_serve.runtime.backends import load_backend
+from dlrm_serve.io.codecs import encode_binary
 from dlrm_serve.config import DEMO_TABLE_SIZES, DLRMConfig
 from dlrm_serve.errors import ArtifactError, DLRMServeError
-from dlrm_serve.explain import Explainer
-from dlrm_serve.explain_tools import global_importance, planted_check, spearman
-from dlrm_serve.features import FeatureEncoder
-from dlrm_serve.model import DLRM
-from dlrm_serve.quantize import quantize_artifacts
-from dlrm_serve.serving import Predictor, Request, request_of
-from dlrm_serve.train import TrainOptions, train
+from dlrm_serve.runtime.explain import Explainer
+from dlrm_serve.offline.explain_tools import global_importance, planted_check, spearman
+from dlrm_serve.io.features import FeatureEncoder
+from dlrm_serve.model.dlrm import DLRM
+from dlrm_serve.model.quantize import quantize_artifacts
+from dlrm_serve.serve.serving import Predictor, Request, request_of
+from dlrm_serve.offline.train import TrainOptions, train
 
 SEED = 0
 TINY = DLRMConfig(
@@ -248,7 +248,7 @@ def test_the_grpc_explain_input_and_the_method_header_mark_a_request():
 
 
 def test_an_onnx_archive_answers_explain_requests_with_a_400(trained, tmp_path):
-    from dlrm_serve.export import export_onnx
+    from dlrm_serve.runtime.export import export_onnx
 
     import shutil
 

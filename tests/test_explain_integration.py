@@ -12,12 +12,12 @@ import json
 import numpy as np
 import pytest
 
-from dlrm_serve.backends import load_backend
+from dlrm_serve.runtime.backends import load_backend
 from dlrm_serve.client import connect
 from dlrm_serve.errors import InvalidInput
-from dlrm_serve.explain import Explainer
-from dlrm_serve.features import FeatureEncoder
-from dlrm_serve.launcher import http_request
+from dlrm_serve.runtime.explain import Explainer
+from dlrm_serve.io.features import FeatureEncoder
+from dlrm_serve.testing.launcher import http_request
 
 pytestmark = pytest.mark.integration
 

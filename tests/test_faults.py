@@ -32,8 +32,8 @@ import pytest
 
 from conftest import ROOT, build_archive, serve
 from dlrm_serve.client import connect
-from dlrm_serve.features import FeatureEncoder
-from dlrm_serve.launcher import TorchServe, http_request
+from dlrm_serve.io.features import FeatureEncoder
+from dlrm_serve.testing.launcher import TorchServe, http_request
 
 pytestmark = pytest.mark.integration
 

@@ -7,7 +7,7 @@ import pytest
 
 from dlrm_serve.config import DLRMConfig, preset
 from dlrm_serve.errors import InvalidInput
-from dlrm_serve.features import FeatureBatch, FeatureEncoder, hash_hex
+from dlrm_serve.io.features import FeatureBatch, FeatureEncoder, hash_hex
 
 CFG = preset("demo")
 ENC = FeatureEncoder(CFG)

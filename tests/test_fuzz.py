@@ -14,10 +14,10 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dlrm_serve.codecs import MAGIC, decode_request, encode_binary
+from dlrm_serve.io.codecs import MAGIC, decode_request, encode_binary
 from dlrm_serve.config import DLRMConfig
 from dlrm_serve.errors import InvalidInput
-from dlrm_serve.features import FeatureBatch, FeatureEncoder
+from dlrm_serve.io.features import FeatureBatch, FeatureEncoder
 
 # A small config keeps examples short; names and hashing are the real ones.
 CFG = DLRMConfig(table_sizes=(7, 300, 2**40), embedding_dim=4, bottom_mlp=(4,), top_mlp=(4, 1),

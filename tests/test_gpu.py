@@ -35,7 +35,7 @@ def make_artifacts(path, config=SMALL, seed: int = 1234):
     """Random weights for ``config`` saved in ``path`` (needs safetensors)."""
     pytest.importorskip("safetensors")
     from dlrm_serve.artifacts import save_artifacts
-    from dlrm_serve.model import DLRM
+    from dlrm_serve.model.dlrm import DLRM
 
     torch.manual_seed(seed)
     save_artifacts(DLRM(config), path)
@@ -44,7 +44,7 @@ def make_artifacts(path, config=SMALL, seed: int = 1234):
 
 def random_batch(config, rows: int, seed: int = 0, multi_hot: bool = False):
     """A :class:`FeatureBatch` of ``rows`` random rows through the encoder: one id per bag, or bags of 0-4 ids."""
-    from dlrm_serve.features import FeatureEncoder
+    from dlrm_serve.io.features import FeatureEncoder
 
     rng = np.random.default_rng(seed)
     enc = FeatureEncoder(config)
@@ -65,7 +65,7 @@ def fake_context(gpu_id, device_type: str | None = "gpu", dlrm: dict | None = No
 
 
 def cpu_answer(artifacts, batch) -> np.ndarray:
-    from dlrm_serve.backends import load_backend
+    from dlrm_serve.runtime.backends import load_backend
 
     return load_backend(artifacts, "torch", device="cpu").predict(batch)
 
@@ -95,10 +95,10 @@ def want(artifacts, batches):
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="torch sees no CUDA device")
 def test_each_worker_runs_on_its_gpu_id(artifacts, gpu_id):
-    from dlrm_serve.backends import load_backend
+    from dlrm_serve.runtime.backends import load_backend
     from dlrm_serve.errors import DeviceError
-    from dlrm_serve.placement import backend_options, place_worker
-    from dlrm_serve.serving import read_settings
+    from dlrm_serve.runtime.placement import backend_options, place_worker
+    from dlrm_serve.serve.serving import read_settings
 
     ctx = fake_context(gpu_id)
     settings = read_settings(ctx.model_yaml_config)
@@ -122,7 +122,7 @@ def test_each_worker_runs_on_its_gpu_id(artifacts, gpu_id):
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="torch sees no CUDA device")
 def test_torch_cuda_matches_cpu_fp32(artifacts, batches, want, precision, graphs):
-    from dlrm_serve.backends import load_backend
+    from dlrm_serve.runtime.backends import load_backend
 
     backend = load_backend(artifacts, "torch", device="cuda", precision=precision, cuda_graphs=graphs)
     info = backend.describe()
@@ -138,7 +138,7 @@ def test_torch_cuda_matches_cpu_fp32(artifacts, batches, want, precision, graphs
 @pytest.mark.skipif(not CUDA, reason="torch sees no CUDA device")
 def test_graph_buckets_give_the_eager_answers(artifacts, batches):
     from dlrm_serve.artifacts import load_model
-    from dlrm_serve.cuda_runner import CudaRunner
+    from dlrm_serve.runtime.cuda_runner import CudaRunner
 
     dev = torch.device("cuda", 0)
     # Small buckets, so 300 and 5000 rows run in chunks of the largest.
@@ -159,7 +159,7 @@ def test_graph_buckets_give_the_eager_answers(artifacts, batches):
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="torch sees no CUDA device")
 def test_tables_kept_in_host_memory(artifacts, batches, want):
-    from dlrm_serve.backends import load_backend
+    from dlrm_serve.runtime.backends import load_backend
 
     for options in ({"tables": "host"}, {"tables": "auto", "memory_share": 1e-9}):
         backend = load_backend(artifacts, "torch", device="cuda:0", **options)
@@ -177,8 +177,8 @@ def test_tables_kept_in_host_memory(artifacts, batches, want):
 def onnx_artifacts(artifacts):
     pytest.importorskip("onnx")
     pytest.importorskip("onnxruntime")
-    from dlrm_serve.export import export_onnx
-    from dlrm_serve.onnx_backend import cuda_provider_usable
+    from dlrm_serve.runtime.export import export_onnx
+    from dlrm_serve.runtime.onnx_backend import cuda_provider_usable
 
     if not cuda_provider_usable():
         pytest.skip("onnxruntime's CUDA provider does not load here")
@@ -189,7 +189,7 @@ def onnx_artifacts(artifacts):
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="torch sees no CUDA device")
 def test_onnxruntime_cuda_with_io_binding_matches_cpu(onnx_artifacts, batches, want):
-    from dlrm_serve.backends import load_backend
+    from dlrm_serve.runtime.backends import load_backend
 
     bound = load_backend(onnx_artifacts, "onnxruntime", device="cuda:0")
     info = bound.describe()
@@ -226,7 +226,7 @@ def test_handler_puts_a_gpu_archive_on_its_gpu(artifacts):
     info = h.backend.describe()
     assert info["device"] == "cuda:0" and info["tables"] == "device" and info["cuda_graphs"]
     assert "gpu_id" in info["device_reason"]
-    from dlrm_serve.features import FeatureEncoder
+    from dlrm_serve.io.features import FeatureEncoder
 
     rng = np.random.default_rng(9)
     instances = [

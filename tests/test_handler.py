@@ -24,8 +24,8 @@ from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
 from ts.protocol.otf_message_handler import _retrieve_request
 from ts.service import Service
 
-from dlrm_serve.codecs import MAX_ROWS
-from dlrm_serve.features import FeatureEncoder
+from dlrm_serve.io.codecs import MAX_ROWS
+from dlrm_serve.io.features import FeatureEncoder
 
 METRICS_YAML = Path(ts.__file__).parent / "configs" / "metrics.yaml"
 
@@ -300,9 +300,9 @@ DEVICE_DEFAULTS = {"device": "auto", "tables": "auto", "gpu_memory_share": 0.8, 
 
 
 def test_read_settings():
-    from dlrm_serve.serving import read_settings as read
+    from dlrm_serve.serve.serving import read_settings as read
 
-    from dlrm_serve.explain import EXPLAIN_MAX_ROWS
+    from dlrm_serve.runtime.explain import EXPLAIN_MAX_ROWS
 
     assert read({}, cpu_count=4) == {
         "backend": "torch", "max_rows": MAX_ROWS, "threads": 4, "touch_tables": False, "metrics_interval": 1.0,

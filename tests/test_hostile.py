@@ -12,11 +12,11 @@ import json
 import numpy as np
 import pytest
 
-from dlrm_serve import codecs
-from dlrm_serve.codecs import decode_request
+from dlrm_serve.io import codecs
+from dlrm_serve.io.codecs import decode_request
 from dlrm_serve.config import preset
 from dlrm_serve.errors import InvalidInput
-from dlrm_serve.features import MAX_BAG_IDS, MAX_CATEGORICAL_CHARS, MAX_NUMBER_CHARS, FeatureEncoder
+from dlrm_serve.io.features import MAX_BAG_IDS, MAX_CATEGORICAL_CHARS, MAX_NUMBER_CHARS, FeatureEncoder
 from peak_rss import can_reset_peak, current_rss, peak_rss, reset_peak
 
 CFG = preset("demo")
@@ -93,7 +93,7 @@ def test_hostile_json_numbers_and_nesting_get_400(text, match):
 
 # ----- isolation ------------------------------------------------------------------------------
 def test_an_unexpected_decode_failure_fails_only_its_request(monkeypatch, demo_backend):
-    from dlrm_serve.serving import Predictor, Request
+    from dlrm_serve.serve.serving import Predictor, Request
 
     real = codecs.decode_request
 
@@ -102,7 +102,7 @@ def test_an_unexpected_decode_failure_fails_only_its_request(monkeypatch, demo_b
             raise MemoryError("internal detail that must not leak")
         return real(body, ctype, encoder, max_rows)
 
-    monkeypatch.setattr("dlrm_serve.serving.decode_request", flaky)
+    monkeypatch.setattr("dlrm_serve.serve.serving.decode_request", flaky)
     predictor = Predictor(demo_backend)
     good = json.dumps(row()).encode()
     replies, stats = predictor.handle([Request(good, "application/json"), Request(b"boom", None), Request(good, None)])
@@ -156,7 +156,7 @@ def test_decoding_memory_is_bounded_by_the_body(name):
 
 
 def test_an_oip_body_with_one_huge_string_is_refused_within_bounded_memory():
-    from dlrm_serve import oip
+    from dlrm_serve.serve import oip
 
     if not can_reset_peak():
         pytest.skip("the peak RSS cannot be reset here (/proc/self/clear_refs)")

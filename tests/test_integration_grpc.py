@@ -19,7 +19,7 @@ import grpc
 import numpy as np
 import pytest
 
-from dlrm_serve import protos
+from dlrm_serve.client import protos
 from dlrm_serve.client import Keys, Payload, connect
 from dlrm_serve.errors import AuthError, InvalidInput, ServerError
 

@@ -13,7 +13,7 @@ import json
 import numpy as np
 import pytest
 
-from dlrm_serve.features import MAX_BAG_IDS, MAX_CATEGORICAL_CHARS
+from dlrm_serve.io.features import MAX_BAG_IDS, MAX_CATEGORICAL_CHARS
 from peak_rss import can_reset_peak, current_rss, peak_rss, reset_peak
 
 pytestmark = pytest.mark.integration

@@ -15,8 +15,8 @@ import time
 import numpy as np
 import pytest
 
-from dlrm_serve.features import FeatureEncoder
-from dlrm_serve.launcher import LaunchError
+from dlrm_serve.io.features import FeatureEncoder
+from dlrm_serve.testing.launcher import LaunchError
 
 pytestmark = pytest.mark.integration
 

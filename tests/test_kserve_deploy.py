@@ -25,7 +25,7 @@ import yaml
 
 from conftest import ROOT, java_ok
 from dlrm_serve.cli import build_parser
-from dlrm_serve.launcher import LOOPBACK, find_torchserve, free_ports, http_request, load_properties
+from dlrm_serve.testing.launcher import LOOPBACK, find_torchserve, free_ports, http_request, load_properties
 from kube_schema import validate
 from oip_cases import oip_json
 

@@ -26,8 +26,8 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-from dlrm_serve.features import FeatureEncoder
-from dlrm_serve.launcher import LOOPBACK, free_ports, http_request
+from dlrm_serve.io.features import FeatureEncoder
+from dlrm_serve.testing.launcher import LOOPBACK, free_ports, http_request
 from oip_cases import dense_of, hex_of, oip_json, row_ids_of
 
 pytestmark = pytest.mark.integration
@@ -200,7 +200,7 @@ def test_several_rest_workers(demo_artifacts, tmp_path, make_rows, expected):
 @pytest.fixture(scope="module")
 def torchserve_free_messages(demo_backend):
     """The message the library gives for a v1 body (the one TorchServe's handler sends too)."""
-    from dlrm_serve.codecs import decode_request
+    from dlrm_serve.io.codecs import decode_request
     from dlrm_serve.errors import InvalidInput
 
     encoder = FeatureEncoder(demo_backend.config)

@@ -1,4 +1,4 @@
-"""dlrm_serve.launcher without a real TorchServe: config, ports, failures, cleanup."""
+"""dlrm_serve.testing.launcher without a real TorchServe: config, ports, failures, cleanup."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import time
 import pytest
 
 from conftest import ROOT
-from dlrm_serve.launcher import LaunchError, Ports, TorchServe, free_ports, load_properties, render_properties
+from dlrm_serve.testing.launcher import LaunchError, Ports, TorchServe, free_ports, load_properties, render_properties
 
 
 def test_properties_round_trip(tmp_path):

@@ -48,7 +48,7 @@ def test_the_block_works():
     """The hook itself: a module that does import torch fails under it."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(
-        [sys.executable, "-c", BLOCK_TORCH + "import dlrm_serve.weights"],
+        [sys.executable, "-c", BLOCK_TORCH + "import dlrm_serve.model.weights"],
         capture_output=True, text=True, timeout=120, env=env, cwd=ROOT,
     )
     assert proc.returncode != 0 and "torch is blocked" in proc.stderr
@@ -58,13 +58,13 @@ def test_numpy_layers_import_without_torch(tmp_path, demo_config):
     (tmp_path / "dlrm.json").write_text(demo_config.to_json())
     out = run_without_torch(
         f"""
-        import dlrm_serve.config, dlrm_serve.features, dlrm_serve.codecs, dlrm_serve.serving
+        import dlrm_serve.config, dlrm_serve.io.features, dlrm_serve.io.codecs, dlrm_serve.serve.serving
         import dlrm_serve.client, dlrm_serve.client.commands
         # The rest of the "no torch" column of the README's module table.
-        import dlrm_serve.backends, dlrm_serve.onnx_backend, dlrm_serve.export, dlrm_serve.memory
-        import dlrm_serve.launcher, dlrm_serve.protos, dlrm_serve.procmem, dlrm_serve.packaging
-        import dlrm_serve.errors, dlrm_serve.cli, dlrm_serve.data, dlrm_serve.evaluation, dlrm_serve.score
-        import dlrm_serve.oip, dlrm_serve.placement, dlrm_serve.client.rolling
+        import dlrm_serve.runtime.backends, dlrm_serve.runtime.onnx_backend, dlrm_serve.runtime.export, dlrm_serve.runtime.memory
+        import dlrm_serve.testing.launcher, dlrm_serve.client.protos, dlrm_serve.testing.procmem, dlrm_serve.serve.packaging
+        import dlrm_serve.errors, dlrm_serve.cli, dlrm_serve.io.data, dlrm_serve.offline.evaluation, dlrm_serve.offline.score
+        import dlrm_serve.serve.oip, dlrm_serve.runtime.placement, dlrm_serve.client.rolling
         from dlrm_serve.artifacts import CONFIG_FILE, WEIGHTS_FILE, load_config
         from dlrm_serve.errors import ConfigError
         config = load_config({str(tmp_path)!r})
@@ -83,8 +83,8 @@ def test_numpy_layers_import_without_torch(tmp_path, demo_config):
 
 def test_onnx_backend_serves_without_torch(tmp_path, demo_artifacts, demo_backend, make_rows):
     pytest.importorskip("onnxruntime")
-    from dlrm_serve.export import export_onnx
-    from dlrm_serve.features import FeatureEncoder
+    from dlrm_serve.runtime.export import export_onnx
+    from dlrm_serve.io.features import FeatureEncoder
 
     # Export needs torch (here); serving the export must not (the child).
     folder = tmp_path / "onnx"
@@ -98,8 +98,8 @@ def test_onnx_backend_serves_without_torch(tmp_path, demo_artifacts, demo_backen
     out = run_without_torch(
         f"""
         import json
-        from dlrm_serve.backends import load_backend
-        from dlrm_serve.features import FeatureEncoder
+        from dlrm_serve.runtime.backends import load_backend
+        from dlrm_serve.io.features import FeatureEncoder
         backend = load_backend({str(folder)!r}, "onnxruntime", threads=1)
         rows = json.load(open({str(tmp_path / "rows.json")!r}))
         p = backend.predict(FeatureEncoder(backend.config).encode_instances(rows))

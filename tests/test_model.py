@@ -19,8 +19,8 @@ from torch import nn
 from dlrm_serve.artifacts import CONFIG_FILE, WEIGHTS_FILE, check_artifacts, load_model, save_artifacts
 from dlrm_serve.config import PRESETS, DLRMConfig, preset
 from dlrm_serve.errors import ArtifactError
-from dlrm_serve.features import FeatureEncoder
-from dlrm_serve.model import STACK_MIN_BATCH, DLRM, DenseArch, InteractionArch, OverArch, SparseArch
+from dlrm_serve.io.features import FeatureEncoder
+from dlrm_serve.model.dlrm import STACK_MIN_BATCH, DLRM, DenseArch, InteractionArch, OverArch, SparseArch
 
 SMALL = dict(
     table_sizes=(7, 3, 11, 5),

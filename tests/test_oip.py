@@ -1,4 +1,4 @@
-"""dlrm_serve.oip in process: tensors decode to the same model inputs as JSON instances,
+"""dlrm_serve.serve.oip in process: tensors decode to the same model inputs as JSON instances,
 bad tensors are named, and the Predictor answers OIP bodies in OIP form."""
 
 from __future__ import annotations
@@ -9,10 +9,10 @@ import json
 import numpy as np
 import pytest
 
-from dlrm_serve import oip
+from dlrm_serve.serve import oip
 from dlrm_serve.errors import InvalidInput
-from dlrm_serve.features import FeatureEncoder
-from dlrm_serve.serving import Predictor, Request, request_of
+from dlrm_serve.io.features import FeatureEncoder
+from dlrm_serve.serve.serving import Predictor, Request, request_of
 from oip_cases import dense_of, hex_of, oip_json, row_ids_of
 
 

@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 import tritonclient.http as httpclient
 
-from dlrm_serve import protos
-from dlrm_serve.features import FeatureEncoder
+from dlrm_serve.client import protos
+from dlrm_serve.io.features import FeatureEncoder
 from oip_cases import dense_of, dense_zero_for_missing, hex_of, oip_json, row_ids_of
 
 pytestmark = pytest.mark.integration

@@ -15,11 +15,11 @@ import pytest
 import torch
 
 from dlrm_serve.artifacts import CONFIG_FILE, load_config, save_artifacts
-from dlrm_serve.backends import load_backend
+from dlrm_serve.runtime.backends import load_backend
 from dlrm_serve.cli import main
 from dlrm_serve.config import DLRMConfig
 from dlrm_serve.errors import ArtifactError
-from dlrm_serve.export import (
+from dlrm_serve.runtime.export import (
     DEFAULT_OPSET,
     FORBIDDEN_OPS,
     ONNX_DATA_FILE,
@@ -30,9 +30,9 @@ from dlrm_serve.export import (
     onnx_problem,
     op_types,
 )
-from dlrm_serve.features import FeatureBatch, FeatureEncoder
-from dlrm_serve.model import DLRM
-from dlrm_serve.onnx_backend import (
+from dlrm_serve.io.features import FeatureBatch, FeatureEncoder
+from dlrm_serve.model.dlrm import DLRM
+from dlrm_serve.runtime.onnx_backend import (
     _PROBE_MODEL,
     MIN_PIECE_ROWS,
     OnnxBackend,
@@ -230,7 +230,7 @@ def test_a_batch_of_only_empty_bags_and_an_empty_batch(pair):
 
 
 def test_int8_tables(tmp_path):
-    from dlrm_serve.quantize import quantize_artifacts
+    from dlrm_serve.model.quantize import quantize_artifacts
 
     torch.manual_seed(5)
     save_artifacts(DLRM(BASE), tmp_path / "fp32")
@@ -260,7 +260,7 @@ def test_describe_names_the_provider_in_use(dot_artifacts):
 ORT_CUDA_TRUTH = textwrap.dedent(
     """
     import numpy as np, onnxruntime as ort
-    from dlrm_serve.onnx_backend import _PROBE_MODEL
+    from dlrm_serve.runtime.onnx_backend import _PROBE_MODEL
     try:
         s = ort.InferenceSession(_PROBE_MODEL, providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
         s.run(None, {"x": np.array([1.0], np.float32)})
@@ -421,7 +421,7 @@ def test_missing_graph_says_how_to_make_it(tmp_path):
 
 
 def test_importing_backends_does_not_import_onnxruntime():
-    code = "import sys, dlrm_serve.backends; print('onnxruntime' in sys.modules)"
+    code = "import sys, dlrm_serve.runtime.backends; print('onnxruntime' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 

@@ -16,10 +16,10 @@ import yaml
 
 from conftest import ROOT, build_archive
 from dlrm_serve.artifacts import load_model
-from dlrm_serve.backends import load_backend
-from dlrm_serve.cuda_runner import CudaRunner, bucket_for, chunks
+from dlrm_serve.runtime.backends import load_backend
+from dlrm_serve.runtime.cuda_runner import CudaRunner, bucket_for, chunks
 from dlrm_serve.errors import DeviceError, DLRMServeError
-from dlrm_serve.placement import (
+from dlrm_serve.runtime.placement import (
     Placement,
     backend_options,
     choose_device,
@@ -27,7 +27,7 @@ from dlrm_serve.placement import (
     parse_device,
     place_worker,
 )
-from dlrm_serve.serving import read_settings
+from dlrm_serve.serve.serving import read_settings
 from test_gpu import TOL, fake_context, random_batch
 
 NO_CUDA = not torch.cuda.is_available()
@@ -143,7 +143,7 @@ def test_both_backends_refuse_cuda_they_cannot_use(demo_artifacts, tmp_path):
             load_backend(demo_artifacts, "torch", device=device)
         assert "CUDA is not usable" in e.value.message and "torch.cuda.is_available() is False" in e.value.message
         assert isinstance(e.value, DLRMServeError) and isinstance(e.value, ValueError)
-    from dlrm_serve.export import export_onnx
+    from dlrm_serve.runtime.export import export_onnx
 
     art = tmp_path / "art"
     art.mkdir()
@@ -209,7 +209,7 @@ def test_build_mar_device_gpu_writes_device_type(tmp_path, demo_artifacts):
     build_archive(demo_artifacts, tmp_path, "--device", "gpu", "--model-name", "dlrm_gpu")
     with zipfile.ZipFile(tmp_path / "dlrm_gpu.mar") as z:
         settings = yaml.safe_load(z.read("model-config.yaml"))
-        assert "dlrm_serve/placement.py" in z.namelist()
+        assert "dlrm_serve/runtime/placement.py" in z.namelist()
     assert settings["deviceType"] == "gpu"
     assert settings["minWorkers"] == settings["maxWorkers"] == 1  # one worker per GPU
     build_archive(demo_artifacts, tmp_path, "--device", "gpu", "--workers", "4", "--model-name", "dlrm_gpu4")

@@ -19,9 +19,9 @@ import yaml
 
 from conftest import build_archive
 from dlrm_serve import cli
-from dlrm_serve.backends import PRECISIONS, load_backend, native_bf16, resolve_precision
-from dlrm_serve.features import FeatureEncoder
-from dlrm_serve.serving import Predictor, Request, read_settings
+from dlrm_serve.runtime.backends import PRECISIONS, load_backend, native_bf16, resolve_precision
+from dlrm_serve.io.features import FeatureEncoder
+from dlrm_serve.serve.serving import Predictor, Request, read_settings
 
 BF16_ATOL = 1e-2
 
@@ -100,7 +100,7 @@ def test_bf16_is_close_to_fp32_and_independent_of_the_batch(bf16_backend, demo_b
 
 
 def test_bf16_over_int8_tables(demo_artifacts, make_rows, demo_config, tmp_path):
-    from dlrm_serve.quantize import quantize_artifacts
+    from dlrm_serve.model.quantize import quantize_artifacts
 
     quantize_artifacts(demo_artifacts, tmp_path, progress=False)
     encoder = FeatureEncoder(demo_config)

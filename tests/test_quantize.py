@@ -7,8 +7,8 @@ import torch
 from dlrm_serve.artifacts import WEIGHTS_FILE, load_config, load_model
 from dlrm_serve.cli import main
 from dlrm_serve.config import PRESETS, DLRMConfig, preset
-from dlrm_serve.features import FeatureEncoder
-from dlrm_serve.quantize import dequantize_rows, init_artifacts, quantize_artifacts, quantize_rows
+from dlrm_serve.io.features import FeatureEncoder
+from dlrm_serve.model.quantize import dequantize_rows, init_artifacts, quantize_artifacts, quantize_rows
 
 SMALL = DLRMConfig(
     table_sizes=(500, 3, 2000, 40), embedding_dim=8, bottom_mlp=(16, 8), top_mlp=(16, 1),

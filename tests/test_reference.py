@@ -18,13 +18,13 @@ import pytest
 import torch
 from torch import nn
 
-from dlrm_serve import reference
+from dlrm_serve.model import reference
 from dlrm_serve.artifacts import CONFIG_FILE, METRICS_FILE, load_config, load_model
-from dlrm_serve.backends import load_backend
+from dlrm_serve.runtime.backends import load_backend
 from dlrm_serve.cli import main
 from dlrm_serve.config import CRITEO_DENSE, CRITEO_SPARSE
 from dlrm_serve.errors import ArtifactError
-from dlrm_serve.features import FeatureEncoder
+from dlrm_serve.io.features import FeatureEncoder
 
 
 # ----- a reference-structured model -------------------------------------------

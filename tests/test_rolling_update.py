@@ -23,10 +23,10 @@ import torch
 
 from conftest import DEMO_CONFIG, ROOT, build_archive
 from dlrm_serve.artifacts import save_artifacts
-from dlrm_serve.backends import load_backend
+from dlrm_serve.runtime.backends import load_backend
 from dlrm_serve.client import connect
-from dlrm_serve.features import FeatureEncoder
-from dlrm_serve.model import DLRM
+from dlrm_serve.io.features import FeatureEncoder
+from dlrm_serve.model.dlrm import DLRM
 
 pytestmark = pytest.mark.integration
 

@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 
 from dlrm_serve.artifacts import WEIGHTS_FILE, load_model
-from dlrm_serve.backends import load_backend
-from dlrm_serve.memory import PAGE_SIZE, touch_mapped_file, touch_pages, touch_tables
-from dlrm_serve.procmem import file_usage, mapped_file, process_memory, rollup, torchserve_workers
-from dlrm_serve.quantize import quantize_artifacts
+from dlrm_serve.runtime.backends import load_backend
+from dlrm_serve.runtime.memory import PAGE_SIZE, touch_mapped_file, touch_pages, touch_tables
+from dlrm_serve.testing.procmem import file_usage, mapped_file, process_memory, rollup, torchserve_workers
+from dlrm_serve.model.quantize import quantize_artifacts
 
 from conftest import build_archive
 
@@ -84,8 +84,8 @@ def test_loaded_tables_are_the_mapped_file_and_touching_maps_them(demo_artifacts
 def test_onnxruntime_maps_the_tables_from_the_data_file(tmp_path):
     pytest.importorskip("onnxruntime")
     from dlrm_serve.config import DLRMConfig
-    from dlrm_serve.export import ONNX_DATA_FILE, export_onnx
-    from dlrm_serve.quantize import init_artifacts
+    from dlrm_serve.runtime.export import ONNX_DATA_FILE, export_onnx
+    from dlrm_serve.model.quantize import init_artifacts
 
     # 80 MB of tables: a copy would stand out from onnxruntime's own few MB.
     config = DLRMConfig(
@@ -177,7 +177,7 @@ def test_int8_archive_serves_what_the_int8_model_predicts(torchserve, model_stor
         assert r.status == 200, r.text
         got = np.asarray(r.json()["predictions"], dtype=np.float32)
         # Exactly the in-process int8 model ...
-        from dlrm_serve.features import FeatureEncoder
+        from dlrm_serve.io.features import FeatureEncoder
 
         backend = load_backend(int8)
         assert backend.config.table_dtype == "int8"

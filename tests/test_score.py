@@ -12,11 +12,11 @@ import torch
 from dlrm_serve import cli
 from dlrm_serve.artifacts import load_model, save_artifacts
 from dlrm_serve.config import DLRMConfig
-from dlrm_serve.data import generate, read_criteo
+from dlrm_serve.io.data import generate, read_criteo
 from dlrm_serve.errors import InvalidInput
-from dlrm_serve.features import FeatureEncoder
-from dlrm_serve.model import DLRM
-from dlrm_serve.score import detect_format, format_probabilities, score_file
+from dlrm_serve.io.features import FeatureEncoder
+from dlrm_serve.model.dlrm import DLRM
+from dlrm_serve.offline.score import detect_format, format_probabilities, score_file
 
 CONFIG = DLRMConfig(
     table_sizes=(50, 300, 1000),

@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from dlrm_serve.artifacts import save_artifacts
-from dlrm_serve.backends import load_backend
-from dlrm_serve.codecs import encode_binary
+from dlrm_serve.runtime.backends import load_backend
+from dlrm_serve.io.codecs import encode_binary
 from dlrm_serve.config import DLRMConfig
-from dlrm_serve.model import DLRM
-from dlrm_serve.serving import Predictor, Request
+from dlrm_serve.model.dlrm import DLRM
+from dlrm_serve.serve.serving import Predictor, Request
 
 from test_model import reference_logits, reference_pooled
 
@@ -102,7 +102,7 @@ def test_too_many_rows_is_a_400(predictor):
 def test_the_test_only_hang_hook_is_off_unless_a_marker_is_set(monkeypatch):
     import time as time_module
 
-    from dlrm_serve import serving
+    from dlrm_serve.serve import serving
 
     slept = []
     monkeypatch.setattr(time_module, "sleep", slept.append)

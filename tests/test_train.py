@@ -13,10 +13,10 @@ import torch
 from dlrm_serve import cli
 from dlrm_serve.artifacts import check_artifacts, load_model, load_weights
 from dlrm_serve.config import DLRMConfig
-from dlrm_serve.data import generate
+from dlrm_serve.io.data import generate
 from dlrm_serve.errors import ConfigError, InvalidInput
-from dlrm_serve.evaluation import average_ranks, log_loss, roc_auc
-from dlrm_serve.train import (
+from dlrm_serve.offline.evaluation import average_ranks, log_loss, roc_auc
+from dlrm_serve.offline.train import (
     Rows,
     TrainOptions,
     make_optimizers,
@@ -25,7 +25,7 @@ from dlrm_serve.train import (
     train,
     train_step,
 )
-from dlrm_serve.features import FeatureEncoder
+from dlrm_serve.io.features import FeatureEncoder
 
 # A small model whose planted data a few tens of thousands of rows can teach.
 SMALL = DLRMConfig(

@@ -17,13 +17,13 @@ server's message.
 numpy, grpcio/protobuf (gRPC) and requests (REST) are all it needs; no torch.
 """
 
-from ..errors import AuthError, DLRMServeError, InvalidInput, ServerError
-from .core import DEFAULT_CONCURRENCY, DEFAULT_ROWS_PER_REQUEST, Client, connect, ordered_map
-from .files import PredictStats, predict_file
-from .keys import ENV_KEY_FILE, ENV_KEYS, Keys
-from .payloads import FORMATS, Payload, parse_predictions
-from .rolling import UpdateReport, rolling_update
-from .transports import GrpcTransport, RestTransport
+from dlrm_serve.errors import AuthError, DLRMServeError, InvalidInput, ServerError
+from dlrm_serve.client.core import DEFAULT_CONCURRENCY, DEFAULT_ROWS_PER_REQUEST, Client, connect, ordered_map
+from dlrm_serve.client.files import PredictStats, predict_file
+from dlrm_serve.client.keys import ENV_KEY_FILE, ENV_KEYS, Keys
+from dlrm_serve.client.payloads import FORMATS, Payload, parse_predictions
+from dlrm_serve.client.rolling import UpdateReport, rolling_update
+from dlrm_serve.client.transports import GrpcTransport, RestTransport
 
 __all__ = [
     "Client",

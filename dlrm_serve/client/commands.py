@@ -10,10 +10,10 @@ import argparse
 import json
 import sys
 
-from .core import DEFAULT_CONCURRENCY, DEFAULT_RETRIES, DEFAULT_ROWS_PER_REQUEST, Client, connect
-from .files import predict_file
-from .payloads import FORMATS
-from .rolling import rolling_update
+from dlrm_serve.client.core import DEFAULT_CONCURRENCY, DEFAULT_RETRIES, DEFAULT_ROWS_PER_REQUEST, Client, connect
+from dlrm_serve.client.files import predict_file
+from dlrm_serve.client.payloads import FORMATS
+from dlrm_serve.client.rolling import rolling_update
 
 __all__ = ["add_connection_options", "add_predict_options", "add_models_subcommands", "client_from_args", "predict_command", "models_command"]
 

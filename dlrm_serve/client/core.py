@@ -37,15 +37,15 @@ from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
-from ..artifacts import load_config
-from ..config import DLRMConfig
-from ..errors import AuthError, DLRMServeError, InvalidInput, ServerError
-from ..explain import EXPLAIN_MAX_ROWS
-from ..features import FeatureEncoder
-from . import payloads
-from .keys import Keys
-from .payloads import Payload
-from .transports import DEFAULT_MAX_MESSAGE_BYTES, WORKER_DIED, GrpcTransport, RestTransport, fetch_token
+from dlrm_serve.artifacts import load_config
+from dlrm_serve.config import DLRMConfig
+from dlrm_serve.errors import AuthError, DLRMServeError, InvalidInput, ServerError
+from dlrm_serve.runtime.explain import EXPLAIN_MAX_ROWS
+from dlrm_serve.io.features import FeatureEncoder
+from dlrm_serve.client import payloads
+from dlrm_serve.client.keys import Keys
+from dlrm_serve.client.payloads import Payload
+from dlrm_serve.client.transports import DEFAULT_MAX_MESSAGE_BYTES, WORKER_DIED, GrpcTransport, RestTransport, fetch_token
 
 __all__ = [
     "Client",
@@ -398,7 +398,7 @@ class Client:
         REST calls ``/explanations``; gRPC sends the input ``explain`` next to
         ``data``.  ``method``: ``integrated_gradients`` (default) or
         ``feature_ablation``.  Requests carry at most ``rows_per_request`` and
-        :data:`~dlrm_serve.explain.EXPLAIN_MAX_ROWS` rows.
+        :data:`~dlrm_serve.runtime.explain.EXPLAIN_MAX_ROWS` rows.
         """
         kind = payloads.rows_kind(rows)
         n = payloads.count_rows(rows, kind)

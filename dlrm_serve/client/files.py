@@ -23,12 +23,12 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from ..codecs import encode_binary
-from ..data import at_line, check_files, detect_format, format_probabilities, open_text, read_criteo
-from ..errors import DLRMServeError, InvalidInput
-from . import payloads
-from .core import Client
-from .payloads import Payload
+from dlrm_serve.io.codecs import encode_binary
+from dlrm_serve.io.data import at_line, check_files, detect_format, format_probabilities, open_text, read_criteo
+from dlrm_serve.errors import DLRMServeError, InvalidInput
+from dlrm_serve.client import payloads
+from dlrm_serve.client.core import Client
+from dlrm_serve.client.payloads import Payload
 
 __all__ = ["PredictStats", "predict_file"]
 

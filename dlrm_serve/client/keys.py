@@ -35,7 +35,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Mapping
 
-from ..errors import AuthError
+from dlrm_serve.errors import AuthError
 
 __all__ = ["KINDS", "ENV_KEYS", "ENV_KEY_FILE", "RENEW_FRACTION", "Token", "Keys", "parse_expiration", "read_key_file"]
 

@@ -10,7 +10,7 @@ Rows come in three shapes (:func:`rows_kind`):
 
 Bodies come in three formats: ``binary`` (needs the model's config; the
 rows are validated and hashed here with the server's own
-:class:`~dlrm_serve.features.FeatureEncoder`), ``json`` and ``tsv`` (no config
+:class:`~dlrm_serve.io.features.FeatureEncoder`), ``json`` and ``tsv`` (no config
 needed; the server validates).
 """
 
@@ -22,10 +22,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..codecs import BINARY_CONTENT_TYPE, JSON_CONTENT_TYPE, TSV_CONTENT_TYPE, encode_binary, split_tsv
-from ..config import CRITEO_DENSE, CRITEO_SPARSE, DLRMConfig
-from ..errors import AuthError, DLRMServeError, InvalidInput, ServerError
-from ..features import FeatureEncoder, RawBatch
+from dlrm_serve.io.codecs import BINARY_CONTENT_TYPE, JSON_CONTENT_TYPE, TSV_CONTENT_TYPE, encode_binary, split_tsv
+from dlrm_serve.config import CRITEO_DENSE, CRITEO_SPARSE, DLRMConfig
+from dlrm_serve.errors import AuthError, DLRMServeError, InvalidInput, ServerError
+from dlrm_serve.io.features import FeatureEncoder, RawBatch
 
 __all__ = [
     "FORMATS",

@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from ..errors import DLRMServeError, ServerError
+from dlrm_serve.errors import DLRMServeError, ServerError
 
 __all__ = ["UpdateReport", "default_version", "ready_workers", "rolling_update", "versions"]
 

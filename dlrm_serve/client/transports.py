@@ -16,8 +16,8 @@ import re
 import urllib.parse
 from typing import Any
 
-from ..errors import AuthError, DLRMServeError, ServerError
-from .payloads import Payload, error_for, error_from_body
+from dlrm_serve.errors import AuthError, DLRMServeError, ServerError
+from dlrm_serve.client.payloads import Payload, error_for, error_from_body
 
 __all__ = [
     "GRPC_TO_HTTP",
@@ -137,7 +137,7 @@ def error_from_grpc(err: Any, what: str = "the server") -> DLRMServeError:
 
 # ----- gRPC ---------------------------------------------------------------------
 class GrpcTransport:
-    """TorchServe's gRPC inference and management services (stubs from :mod:`dlrm_serve.protos`).
+    """TorchServe's gRPC inference and management services (stubs from :mod:`dlrm_serve.client.protos`).
 
     ``inference_target`` / ``management_target``: ``host:port``.
     ``credentials``: ``grpc.ChannelCredentials`` for TLS, else plaintext.
@@ -158,7 +158,7 @@ class GrpcTransport:
     ):
         import grpc
 
-        from .. import protos
+        from dlrm_serve.client import protos
 
         self._grpc = grpc
         self._pb = protos.load()

@@ -9,7 +9,7 @@ embedding dim, ``N`` ids in the batch, ``R`` rows of all tables together,
     indices [N], offsets --SparseArch--> [B, F, D] ------+
 
 The tables live in one concatenated ``[R, D]`` tensor with per-table row
-offsets (applied by :mod:`dlrm_serve.features`), so all lookups are one
+offsets (applied by :mod:`dlrm_serve.io.features`), so all lookups are one
 gather or one ``embedding_bag`` with no Python loop per table.
 
 For large batches the lookups come stacked as ``[B, 1+F, D]`` with row 0
@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import DLRMConfig
+from dlrm_serve.config import DLRMConfig
 
 __all__ = [
     "DenseArch",
@@ -336,7 +336,7 @@ class DLRM(nn.Module):
         """Logits ``[B]`` from dense inputs ``[B, num_dense]`` and pooled lookups ``[B, F, D]``.
 
         The model after the lookup: attributions differentiate this, so
-        gradients never reach the tables (:mod:`dlrm_serve.explain`).
+        gradients never reach the tables (:mod:`dlrm_serve.runtime.explain`).
         """
         return self.over_arch(self.interaction(self.dense_arch(dense), pooled))
 

@@ -1,7 +1,7 @@
 """Forward-pass backends behind one small interface.
 
 A backend is loaded from an artifacts folder, predicts click probabilities
-for a :class:`~dlrm_serve.features.FeatureBatch`, and describes itself.  The
+for a :class:`~dlrm_serve.io.features.FeatureBatch`, and describes itself.  The
 handler, the scorer and the benchmarks only talk to this interface.
 """
 
@@ -13,8 +13,8 @@ from typing import Protocol
 
 import numpy as np
 
-from .features import FeatureBatch
-from .placement import DEFAULT_MEMORY_SHARE
+from dlrm_serve.io.features import FeatureBatch
+from dlrm_serve.runtime.placement import DEFAULT_MEMORY_SHARE
 
 __all__ = [
     "Backend",
@@ -77,7 +77,7 @@ class TorchBackend:
     ``precision``: ``fp32`` (the default: the saved weights as they are,
     results bit for bit those of the model), ``bf16`` or ``auto``.  On the
     CPU, bf16 casts the MLP weights once at load and runs the GEMMs and the
-    interaction in bfloat16 (:func:`dlrm_serve.model.cast_for_inference`);
+    interaction in bfloat16 (:func:`dlrm_serve.model.dlrm.cast_for_inference`);
     ``auto`` is :func:`resolve_precision`.  The tables stay mapped from the
     file and shared between workers unless ``bf16_tables`` casts them into a
     private bfloat16 copy (half the bytes; measured in docs/precision.md).
@@ -85,11 +85,11 @@ class TorchBackend:
     ``device``: ``cpu`` (default), ``cuda`` or ``cuda:N`` (a
     :class:`~dlrm_serve.errors.DeviceError` naming what was found when
     CUDA is not usable; never a silent CPU fallback).  On CUDA the
-    :class:`~dlrm_serve.cuda_runner.CudaRunner` runs the model in
+    :class:`~dlrm_serve.runtime.cuda_runner.CudaRunner` runs the model in
     ``precision`` (fp32 with TF32 off, bf16, fp16; ``auto`` is bf16), and
     the ``gpu`` options (``tables`` auto|device|host, ``memory_share``,
     ``cuda_graphs``, ``buckets``, ``compile``) go to it.  ``device_reason``:
-    why this device (from :mod:`dlrm_serve.placement`), repeated by
+    why this device (from :mod:`dlrm_serve.runtime.placement`), repeated by
     :meth:`describe`.
     """
 
@@ -107,7 +107,7 @@ class TorchBackend:
     ):
         import torch
 
-        from .weights import load_model
+        from dlrm_serve.model.weights import load_model
 
         self._torch = torch
         if threads:
@@ -128,7 +128,7 @@ class TorchBackend:
 
     def _prepare(self, model):
         """The one place where precision changes the loaded model."""
-        from .model import cast_for_inference
+        from dlrm_serve.model.dlrm import cast_for_inference
 
         if self.precision == "bf16":
             return cast_for_inference(model, self._torch.bfloat16, tables=self.bf16_tables)
@@ -145,7 +145,7 @@ class TorchBackend:
 
     def touch_tables(self) -> int:
         """Read every page of the memory-mapped tables (0 when they were copied to a GPU)."""
-        from .memory import touch_tables
+        from dlrm_serve.runtime.memory import touch_tables
 
         if self._cuda is not None and self._cuda.tables == "device":
             return 0
@@ -171,12 +171,12 @@ class TorchBackend:
 
 
 def _place(model, device: str, precision: str, gpu: dict):
-    """A :class:`~dlrm_serve.cuda_runner.CudaRunner` for a CUDA ``device``, None for the CPU.
+    """A :class:`~dlrm_serve.runtime.cuda_runner.CudaRunner` for a CUDA ``device``, None for the CPU.
 
     Kept apart from the CPU forward pass: the CPU path is untouched by the
     device options, which are refused there rather than ignored.
     """
-    from .placement import resolve_torch_device
+    from dlrm_serve.runtime.placement import resolve_torch_device
 
     where = resolve_torch_device(device)
     if where.type == "cpu":
@@ -184,7 +184,7 @@ def _place(model, device: str, precision: str, gpu: dict):
         if unknown:
             raise ValueError(f"options {unknown} apply to a CUDA device only; device is {device!r}")
         return None
-    from .cuda_runner import CudaRunner
+    from dlrm_serve.runtime.cuda_runner import CudaRunner
 
     # GPUs with CUDA graphs all multiply bfloat16 natively: auto is bf16 there.
     return CudaRunner(model, where, precision="bf16" if precision == "auto" else precision, **gpu)
@@ -198,8 +198,8 @@ def _onnxruntime_backend(artifacts_dir: str | os.PathLike, precision: str = "fp3
     # The exported graphs are float32: "auto" means fp32 here, bf16 is refused.
     if check_precision(precision) == "bf16":
         raise ValueError("the onnxruntime backend runs fp32 only; precision 'bf16' needs the torch backend")
-    # Imported on first use: `import dlrm_serve.backends` must not load onnxruntime.
-    from .onnx_backend import OnnxBackend
+    # Imported on first use: `import dlrm_serve.runtime.backends` must not load onnxruntime.
+    from dlrm_serve.runtime.onnx_backend import OnnxBackend
 
     return OnnxBackend(artifacts_dir, **options)
 

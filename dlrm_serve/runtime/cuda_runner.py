@@ -1,12 +1,12 @@
 """The torch forward pass on a CUDA device: precision, table placement, CUDA graphs.
 
-:class:`CudaRunner` takes a loaded :class:`~dlrm_serve.model.DLRM` (CPU,
+:class:`CudaRunner` takes a loaded :class:`~dlrm_serve.model.dlrm.DLRM` (CPU,
 tables memory-mapped) and a ``cuda:N`` device:
 
 - **Precision**: ``fp32`` runs with TF32 off (so answers match the CPU to
   about 1e-5); ``bf16`` and ``fp16`` cast the MLP weights (and tables kept
   on the GPU) at load.  The sigmoid and the output are always fp32.
-- **Tables** (:func:`~dlrm_serve.placement.choose_tables`): on the GPU when
+- **Tables** (:func:`~dlrm_serve.runtime.placement.choose_tables`): on the GPU when
   they fit in ``memory_share`` of its free memory; otherwise they stay in
   host memory (the memory-mapped file, shared by the workers through the
   page cache), the CPU gathers the looked-up rows into a pinned buffer and
@@ -31,8 +31,8 @@ import contextlib
 
 import torch
 
-from .model import DLRM
-from .placement import DEFAULT_MEMORY_SHARE, choose_tables, gpu_free_bytes
+from dlrm_serve.model.dlrm import DLRM
+from dlrm_serve.runtime.placement import DEFAULT_MEMORY_SHARE, choose_tables, gpu_free_bytes
 
 __all__ = ["CudaRunner", "PRECISIONS", "DEFAULT_BUCKETS", "bucket_for", "chunks"]
 

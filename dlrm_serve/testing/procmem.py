@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
-from .memory import file_identity, mapping_header, same_file
+from dlrm_serve.runtime.memory import file_identity, mapping_header, same_file
 
 __all__ = [
     "ProcessMemory",

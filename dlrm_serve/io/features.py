@@ -34,8 +34,8 @@ try:  # optional: re-encodes parsed JSON columns in C, so they can be read vecto
 except ImportError:  # pragma: no cover - orjson is pinned in requirements.txt
     orjson = None
 
-from .config import DLRMConfig
-from .errors import InvalidInput
+from dlrm_serve.config import DLRMConfig
+from dlrm_serve.errors import InvalidInput
 
 __all__ = [
     "FeatureBatch",

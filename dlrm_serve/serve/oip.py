@@ -19,7 +19,7 @@ probability FP32 ``[B]``               the click probability (output)
 Multi-hot bags are not expressible as these rectangular tensors; send them
 with the other formats (JSON instances or the binary ``application/x-dlrm``).
 
-Every route decodes through :class:`~dlrm_serve.features.FeatureEncoder`
+Every route decodes through :class:`~dlrm_serve.io.features.FeatureEncoder`
 (``raw_columns`` then ``finish``), the code every other format uses, so a row
 gives the same model inputs whichever protocol carried it.
 
@@ -30,7 +30,7 @@ Where the bodies come from:
 - TorchServe's OIP gRPC ``ModelInfer``: the frontend rewrites the typed
   ``contents`` into a JSON body ``{"id", "model_name", "inputs"}`` and encodes
   BYTES elements as **base64** (``base64_bytes=True``).
-- The KServe predictor (:mod:`dlrm_serve.kserve_server`): kserve's
+- The KServe predictor (:mod:`dlrm_serve.serve.kserve_server`): kserve's
   ``InferInput`` objects, whose data is a list (JSON, gRPC typed contents) or a
   numpy array (binary data); see :func:`tensors_of_kserve`.
 """
@@ -45,8 +45,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .errors import DLRMServeError, InvalidInput
-from .features import FeatureBatch, FeatureEncoder, RawBatch
+from dlrm_serve.errors import DLRMServeError, InvalidInput
+from dlrm_serve.io.features import FeatureBatch, FeatureEncoder, RawBatch
 
 __all__ = [
     "DENSE",

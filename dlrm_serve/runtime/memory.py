@@ -8,7 +8,7 @@
 - :func:`touch_mapped_file`: the same for whatever mappings of a file this
   process holds (ONNX Runtime maps its external data without exposing it).
 
-Measurement (PSS, USS, per-file usage) is in :mod:`dlrm_serve.procmem`,
+Measurement (PSS, USS, per-file usage) is in :mod:`dlrm_serve.testing.procmem`,
 which benchmarks and tests use; it is not shipped in archives.
 
 Mappings are matched to a file by device and inode, read from
@@ -83,7 +83,7 @@ def touch_pages(tensor) -> int:
 
 
 def touch_tables(model) -> int:
-    """:func:`touch_pages` over every table tensor of a :class:`~dlrm_serve.model.DLRM`."""
+    """:func:`touch_pages` over every table tensor of a :class:`~dlrm_serve.model.dlrm.DLRM`."""
     sparse = getattr(model, "sparse_arch", None)
     if sparse is None:
         raise ValueError(f"{type(model).__name__} has no sparse_arch: not a dlrm_serve DLRM")

@@ -18,13 +18,13 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from . import oip
-from .backends import Backend, check_precision
-from .codecs import MAX_ROWS, decode_request, fast_request, predictions_body
-from .errors import DLRMServeError, InternalError, InvalidInput
-from .explain import EXPLAIN_MAX_ROWS
-from .features import FeatureBatch, FeatureEncoder
-from .placement import DEFAULT_MEMORY_SHARE, TABLE_POLICIES, parse_device
+from dlrm_serve.serve import oip
+from dlrm_serve.runtime.backends import Backend, check_precision
+from dlrm_serve.io.codecs import MAX_ROWS, decode_request, fast_request, predictions_body
+from dlrm_serve.errors import DLRMServeError, InternalError, InvalidInput
+from dlrm_serve.runtime.explain import EXPLAIN_MAX_ROWS
+from dlrm_serve.io.features import FeatureBatch, FeatureEncoder
+from dlrm_serve.runtime.placement import DEFAULT_MEMORY_SHARE, TABLE_POLICIES, parse_device
 
 __all__ = [
     "Request",
@@ -117,7 +117,7 @@ SETTINGS: dict[str, tuple[Any, Callable[[str, Any], Any]]] = {
     "threads": (0, _count),  # 0 = cpu count / workers
     "touch_tables": (False, _flag),
     "metrics_interval": (1.0, _seconds),
-    # Placement (dlrm_serve.placement): auto = the GPU TorchServe gives a GPU archive's worker.
+    # Placement (dlrm_serve.runtime.placement): auto = the GPU TorchServe gives a GPU archive's worker.
     "device": ("auto", _device),
     "tables": ("auto", _tables),  # on a GPU: auto | device | host
     "gpu_memory_share": (DEFAULT_MEMORY_SHARE, _share),  # share of free GPU memory the tables may take
@@ -338,9 +338,9 @@ class Predictor:
 
     A request that cannot be decoded gets its own 4xx reply; the rest of the
     batch still runs, in one forward pass.  Bodies in the Open Inference
-    Protocol (:mod:`dlrm_serve.oip`) are answered in OIP form, every other
+    Protocol (:mod:`dlrm_serve.serve.oip`) are answered in OIP form, every other
     body as ``{"predictions": [...]}``.  Explain requests (``Request.explain``)
-    are decoded the same way and answered by :mod:`dlrm_serve.explain`, at
+    are decoded the same way and answered by :mod:`dlrm_serve.runtime.explain`, at
     most ``explain_max_rows`` rows each.
     """
 
@@ -363,7 +363,7 @@ class Predictor:
 
     def explain(self, batch: FeatureBatch, method: str | None) -> Reply:
         """The reply to one explain request (a 400 when this backend cannot explain)."""
-        from .explain import explainer_for
+        from dlrm_serve.runtime.explain import explainer_for
 
         if self._explainer is None:
             self._explainer = explainer_for(self.backend, max_rows=self.explain_max_rows)

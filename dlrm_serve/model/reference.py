@@ -35,10 +35,10 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-from .weights import check_artifacts, save_artifacts
-from .config import CRITEO_DENSE, CRITEO_SPARSE, DLRMConfig
-from .errors import ArtifactError
-from .model import DLRM
+from dlrm_serve.model.weights import check_artifacts, save_artifacts
+from dlrm_serve.config import CRITEO_DENSE, CRITEO_SPARSE, DLRMConfig
+from dlrm_serve.errors import ArtifactError
+from dlrm_serve.model.dlrm import DLRM
 
 __all__ = [
     "NUMPY_SCALAR_GLOBALS",

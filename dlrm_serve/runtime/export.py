@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from .config import DLRMConfig
+from dlrm_serve.config import DLRMConfig
 
 __all__ = [
     "ONNX_FILE",
@@ -151,7 +151,7 @@ def onnx_problem(artifacts_dir: str | os.PathLike) -> str | None:
     current config and weights; otherwise what is missing or stale."""
     import onnx
 
-    from .artifacts import WEIGHTS_FILE, load_config
+    from dlrm_serve.artifacts import WEIGHTS_FILE, load_config
 
     out = Path(artifacts_dir)
     config = load_config(out)
@@ -451,8 +451,8 @@ def export_onnx(artifacts_dir: str | os.PathLike, opset: int = DEFAULT_OPSET) ->
     """
     import onnx
 
-    from .artifacts import CONFIG_FILE, WEIGHTS_FILE
-    from .weights import load_model
+    from dlrm_serve.artifacts import CONFIG_FILE, WEIGHTS_FILE
+    from dlrm_serve.model.weights import load_model
 
     _check_opset(opset)
     out = Path(artifacts_dir)

@@ -1,6 +1,6 @@
 """Per-feature explanations of click probabilities, with Captum.
 
-The model is split at the lookup (:meth:`~dlrm_serve.model.DLRM.head`): the
+The model is split at the lookup (:meth:`~dlrm_serve.model.dlrm.DLRM.head`): the
 explained inputs are the transformed dense values ``[B, num_dense]`` and the
 pooled embeddings ``[B, F, D]``, so gradients never reach the tables and a
 multi-hot bag is explained as one pooled vector.  Attributions are on the
@@ -32,7 +32,7 @@ explain request to it gets a 400 naming the archive that can.
 
 This module is what a worker needs; the offline tools (``dlrm-serve
 explain``, ``--global``, ``dlrm-serve baseline``, the planted-truth check)
-are in :mod:`dlrm_serve.explain_tools`.
+are in :mod:`dlrm_serve.offline.explain_tools`.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import DLRMServeError, InvalidInput
+from dlrm_serve.errors import DLRMServeError, InvalidInput
 
 __all__ = [
     "METHODS",
@@ -143,7 +143,7 @@ class BaselineAccumulator:
 
 def _stored_baseline(artifacts_dir: str | os.PathLike, config) -> tuple[np.ndarray, np.ndarray, str]:
     """``(dense [num_dense], sparse [F, D], source)`` from the artifacts, or the all-missing fallback."""
-    from .artifacts import load_weights
+    from dlrm_serve.artifacts import load_weights
 
     tensors = load_weights(artifacts_dir)
     if DENSE_KEY in tensors and SPARSE_KEY in tensors:

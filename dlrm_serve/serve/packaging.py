@@ -81,10 +81,10 @@ def serving_modules(handler: str | os.PathLike, root: str | os.PathLike) -> list
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m dlrm_serve.packaging HANDLER ROOT``: print the files, one a line."""
+    """``python -m dlrm_serve.serve.packaging HANDLER ROOT``: print the files, one a line."""
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 2:
-        print("usage: python -m dlrm_serve.packaging HANDLER ROOT", file=sys.stderr)
+        print("usage: python -m dlrm_serve.serve.packaging HANDLER ROOT", file=sys.stderr)
         return 2
     for rel in serving_modules(args[0], args[1]):
         print(rel)

@@ -13,10 +13,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .artifacts import EXTRA_PREFIX
-from .weights import load_model, load_weights, save_artifacts
-from .config import DLRMConfig
-from .model import DLRM
+from dlrm_serve.artifacts import EXTRA_PREFIX
+from dlrm_serve.model.weights import load_model, load_weights, save_artifacts
+from dlrm_serve.config import DLRMConfig
+from dlrm_serve.model.dlrm import DLRM
 
 __all__ = ["quantize_rows", "dequantize_rows", "quantize_model", "quantize_artifacts", "init_artifacts"]
 

@@ -1,7 +1,7 @@
 """Offline explanation tools: ``dlrm-serve explain`` (and ``--global N``),
 ``dlrm-serve baseline``, and the check against the synthetic data's planted truth.
 
-They use the same :class:`~dlrm_serve.explain.Explainer` as the servers; they
+They use the same :class:`~dlrm_serve.runtime.explain.Explainer` as the servers; they
 live apart so TorchServe archives ship only what a worker runs.
 """
 
@@ -15,7 +15,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from .explain import DEFAULT_METHOD, EXPLAIN_MAX_ROWS, BaselineAccumulator, Explainer, explainer_for, parse_method
+from dlrm_serve.runtime.explain import DEFAULT_METHOD, EXPLAIN_MAX_ROWS, BaselineAccumulator, Explainer, explainer_for, parse_method
 
 __all__ = [
     "global_importance",
@@ -88,9 +88,9 @@ def explain_file(
     batch_rows: int = EXPLAIN_MAX_ROWS,
 ) -> Iterable[dict]:
     """Explanations of the rows of a Criteo TSV or JSON-lines file (the ``score`` formats), in order."""
-    from .backends import load_backend
-    from .features import FeatureEncoder
-    from .score import iter_batches
+    from dlrm_serve.runtime.backends import load_backend
+    from dlrm_serve.io.features import FeatureEncoder
+    from dlrm_serve.offline.score import iter_batches
 
     explainer = explainer_for(load_backend(artifacts, "torch"))
     method = parse_method(method)
@@ -111,9 +111,9 @@ def write_baseline(artifacts: str | os.PathLike, data_path: str | os.PathLike, r
     ``dlrm-serve init``).  ``dlrm.safetensors`` is rewritten (atomically)
     with the two baseline tensors added; returns the number of rows used.
     """
-    from .artifacts import load_model, load_weights, save_artifacts
-    from .features import FeatureEncoder
-    from .score import iter_batches
+    from dlrm_serve.artifacts import load_model, load_weights, save_artifacts
+    from dlrm_serve.io.features import FeatureEncoder
+    from dlrm_serve.offline.score import iter_batches
 
     model = load_model(artifacts)
     acc = BaselineAccumulator(model.config)
@@ -167,7 +167,7 @@ def explain_command(args) -> None:
 # ----- validation against a planted model ----------------------------------------------
 def spearman(a: Sequence[float], b: Sequence[float]) -> float:
     """Spearman's rank correlation (average ranks for ties), numpy only."""
-    from .evaluation import average_ranks
+    from dlrm_serve.offline.evaluation import average_ranks
 
     ra = average_ranks(np.asarray(a, dtype=np.float64))
     rb = average_ranks(np.asarray(b, dtype=np.float64))
@@ -177,7 +177,7 @@ def spearman(a: Sequence[float], b: Sequence[float]) -> float:
 
 
 def planted_effects(planted, dense: np.ndarray, values: np.ndarray, references: int = 64, seed: int = 0) -> np.ndarray:
-    """Each feature's real effect in a :class:`~dlrm_serve.data.PlantedModel`: float64 ``[num_dense + F]``.
+    """Each feature's real effect in a :class:`~dlrm_serve.io.data.PlantedModel`: float64 ``[num_dense + F]``.
 
     The mean over the rows (raw counts ``dense`` with NaN = missing, value
     ranks ``values`` with -1 = missing) of ``|logit(row) - E[logit(row with
@@ -208,9 +208,9 @@ def planted_rows(config, seed: int, rows: int, sample_seed: int = 99) -> tuple:
     """``(planted model, its rows, their FeatureBatch)``: fresh rows of the planted model behind
     synthetic training data of ``config`` and ``seed`` (``dlrm-serve train --seed``), held out by
     construction (drawn from their own random stream)."""
-    from .codecs import decode_tsv
-    from .data import PlantedModel, vocab_sizes_for
-    from .features import FeatureEncoder
+    from dlrm_serve.io.codecs import decode_tsv
+    from dlrm_serve.io.data import PlantedModel, vocab_sizes_for
+    from dlrm_serve.io.features import FeatureEncoder
 
     planted = PlantedModel(seed, config.num_dense, vocab_sizes_for(config), config.table_sizes)
     sample = planted.sample(rows, np.random.default_rng([seed, sample_seed]))

@@ -20,12 +20,12 @@ from pathlib import Path
 from typing import Iterator
 
 
-from .backends import load_backend
-from .data import CHUNK_ROWS, check_files, detect_format, encode_chunk, format_probabilities, locate, open_text, read_criteo
-from .errors import InvalidInput
-from .features import FeatureBatch, FeatureEncoder
+from dlrm_serve.runtime.backends import load_backend
+from dlrm_serve.io.data import CHUNK_ROWS, check_files, detect_format, encode_chunk, format_probabilities, locate, open_text, read_criteo
+from dlrm_serve.errors import InvalidInput
+from dlrm_serve.io.features import FeatureBatch, FeatureEncoder
 
-# detect_format and format_probabilities live in dlrm_serve.data (shared with `dlrm-serve predict`).
+# detect_format and format_probabilities live in dlrm_serve.io.data (shared with `dlrm-serve predict`).
 __all__ = ["detect_format", "iter_batches", "format_probabilities", "score_file", "score_command"]
 
 
@@ -93,7 +93,7 @@ def score_file(
 
     ``out`` is written under a temporary name and renamed when complete, so a
     failed run leaves no half-written file behind.  ``precision``: as for
-    :func:`~dlrm_serve.backends.load_backend` (``fp32``, ``bf16`` or ``auto``).
+    :func:`~dlrm_serve.runtime.backends.load_backend` (``fp32``, ``bf16`` or ``auto``).
     """
     from tqdm import tqdm
 

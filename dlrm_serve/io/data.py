@@ -6,7 +6,7 @@ Unlabelled files (the Criteo test set, scoring input) leave the label out.
 
 :func:`read_criteo` streams files in chunks of text columns (constant
 memory, ``.gz`` read on the fly); :func:`encode_chunk` turns a chunk into
-model inputs through the shared :class:`~dlrm_serve.features.FeatureEncoder`
+model inputs through the shared :class:`~dlrm_serve.io.features.FeatureEncoder`
 and names the file line of any bad field.
 
 :class:`PlantedModel` is a known click model that writes the same format:
@@ -29,11 +29,11 @@ from typing import Iterable, Iterator, Sequence, TextIO
 
 import numpy as np
 
-from .codecs import split_tsv
-from .config import DEMO_TABLE_SIZES, DLRMConfig, preset
-from .artifacts import load_config
-from .errors import InvalidInput
-from .features import FeatureBatch, FeatureEncoder
+from dlrm_serve.io.codecs import split_tsv
+from dlrm_serve.config import DEMO_TABLE_SIZES, DLRMConfig, preset
+from dlrm_serve.artifacts import load_config
+from dlrm_serve.errors import InvalidInput
+from dlrm_serve.io.features import FeatureBatch, FeatureEncoder
 
 __all__ = [
     "detect_format",

@@ -1,5 +1,5 @@
-"""The ONNX Runtime backend: the graphs of :mod:`dlrm_serve.export` behind
-the same small interface as :class:`~dlrm_serve.backends.TorchBackend`.
+"""The ONNX Runtime backend: the graphs of :mod:`dlrm_serve.runtime.export` behind
+the same small interface as :class:`~dlrm_serve.runtime.backends.TorchBackend`.
 
 A batch with one id per bag (``offsets is None``, the Criteo case) runs the
 one-id graph, a plain ``Gather``; a batch with multi-hot or empty bags runs
@@ -32,7 +32,7 @@ to intra-op threads, which is also what a GPU gets.
 
 On CUDA (``device="cuda"`` or ``"cuda:N"``): the CUDA provider gets
 ``device_id`` N (TorchServe's ``gpu_id`` per worker, see
-:mod:`dlrm_serve.placement`) and ``use_tf32=0`` (fp32 parity with the CPU).
+:mod:`dlrm_serve.runtime.placement`) and ``use_tf32=0`` (fp32 parity with the CPU).
 Batches run through IO binding: the numpy inputs are copied once, straight
 into device buffers, and the output stays on the device until its one copy
 back.  The tables (graph initializers) live on the GPU; they must fit in
@@ -54,11 +54,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .artifacts import WEIGHTS_FILE, load_config
-from .errors import ArtifactError, DeviceError
-from .export import ONNX_DATA_FILE, ONNX_FILE, ONNX_ONE_ID_FILE, source_problem
-from .features import FeatureBatch
-from .placement import parse_device
+from dlrm_serve.artifacts import WEIGHTS_FILE, load_config
+from dlrm_serve.errors import ArtifactError, DeviceError
+from dlrm_serve.runtime.export import ONNX_DATA_FILE, ONNX_FILE, ONNX_ONE_ID_FILE, source_problem
+from dlrm_serve.io.features import FeatureBatch
+from dlrm_serve.runtime.placement import parse_device
 
 __all__ = [
     "OnnxBackend",
@@ -74,7 +74,7 @@ __all__ = [
     "batch_pieces",
 ]
 
-DEVICES = ("auto", "cpu", "cuda")  # and "cuda:N" (see dlrm_serve.placement.parse_device)
+DEVICES = ("auto", "cpu", "cuda")  # and "cuda:N" (see dlrm_serve.runtime.placement.parse_device)
 # Most rows of one piece: on one thread, pieces of 256 to 512 rows ran
 # fastest here (a piece's activations, a few KB a row, stay in cache).
 PIECE_ROWS = 512
@@ -215,7 +215,7 @@ def ort_cuda_report() -> str:
     if CUDA not in listed:
         return f"onnxruntime {ort.__version__} lists no CUDA provider ({', '.join(listed)}): install onnxruntime-gpu"
     loads = "loads and runs" if cuda_provider_usable() else "does not load (no GPU, or CUDA/cuDNN libraries missing)"
-    from .placement import torch_cuda_report
+    from dlrm_serve.runtime.placement import torch_cuda_report
 
     return f"onnxruntime {ort.__version__} lists {', '.join(listed)}; its CUDA provider {loads}; {torch_cuda_report()}"
 
@@ -420,7 +420,7 @@ class OnnxBackend:
 
     def _place_tables(self, tables: str, gpu: int, memory_share: float | None) -> tuple[str, str]:
         """The tables go where the CUDA provider puts initializers: on the GPU, if they fit."""
-        from .placement import DEFAULT_MEMORY_SHARE, choose_tables, gpu_free_bytes
+        from dlrm_serve.runtime.placement import DEFAULT_MEMORY_SHARE, choose_tables, gpu_free_bytes
 
         if tables == "host":
             raise DeviceError(
@@ -475,7 +475,7 @@ class OnnxBackend:
     def touch_tables(self) -> int:
         """Read one byte of every page of the sessions' mappings of ``dlrm.onnx.data``,
         so this worker holds (and shares) every table page; returns the bytes spanned."""
-        from .memory import touch_mapped_file
+        from dlrm_serve.runtime.memory import touch_mapped_file
 
         path = self.artifacts_dir / ONNX_DATA_FILE
         return touch_mapped_file(path) if path.is_file() else 0

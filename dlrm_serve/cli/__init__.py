@@ -12,7 +12,7 @@ import argparse
 import sys
 from typing import Callable
 
-from .errors import DLRMServeError
+from dlrm_serve.errors import DLRMServeError
 
 __all__ = ["main", "build_parser"]
 
@@ -37,7 +37,7 @@ def _add_train(sub) -> None:
     p.add_argument("--data-dir", default="data", help="where synthetic data is written (default: data)")
 
     def run(args):
-        from .train import train_command
+        from dlrm_serve.offline.train import train_command
 
         train_command(args)
 
@@ -54,7 +54,7 @@ def _add_generate(sub) -> None:
     p.add_argument("--config", default=None, help="a dlrm.json whose feature layout to follow (default: the demo preset)")
 
     def run(args):
-        from .data import generate_command
+        from dlrm_serve.io.data import generate_command
 
         generate_command(args)
 
@@ -62,7 +62,7 @@ def _add_generate(sub) -> None:
 
 
 def _add_score(sub) -> None:
-    from .backends import PRECISIONS  # numpy-only at import
+    from dlrm_serve.runtime.backends import PRECISIONS  # numpy-only at import
 
     p = sub.add_parser("score", help="score a Criteo TSV or JSON-lines file offline, one probability per line")
     p.add_argument("input", help="Criteo TSV (labelled or not, .gz ok) or JSON lines of instances")
@@ -77,7 +77,7 @@ def _add_score(sub) -> None:
     p.add_argument("--batch-rows", type=int, default=4096)
 
     def run(args):
-        from .score import score_command
+        from dlrm_serve.offline.score import score_command
 
         score_command(args)
 
@@ -96,7 +96,7 @@ def _add_import(sub) -> None:
     )
 
     def run(args):
-        from .reference import import_checkpoint
+        from dlrm_serve.model.reference import import_checkpoint
 
         op = {None: (None, None), "dot": ("dot", False), "dot-self": ("dot", True), "cat": ("cat", False)}
         interaction, self_interaction = op[args.interaction]
@@ -118,7 +118,7 @@ def _add_check(sub) -> None:
     p.add_argument("--artifacts", default="artifacts")
 
     def run(args):
-        from .weights import check_artifacts
+        from dlrm_serve.model.weights import check_artifacts
 
         cfg = check_artifacts(args.artifacts)
         print(
@@ -137,8 +137,8 @@ def _add_init(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
 
     def run(args):
-        from .config import preset
-        from .quantize import init_artifacts
+        from dlrm_serve.config import preset
+        from dlrm_serve.model.quantize import init_artifacts
 
         cfg = preset(args.preset, table_dtype=args.table_dtype)
         table_bytes = cfg.total_rows * (cfg.embedding_dim * 4 if args.table_dtype == "float32" else cfg.embedding_dim + 8)
@@ -155,7 +155,7 @@ def _add_quantize(sub) -> None:
     p.add_argument("--out", required=True, help="folder for the int8 artifacts")
 
     def run(args):
-        from .quantize import quantize_artifacts
+        from dlrm_serve.model.quantize import quantize_artifacts
 
         cfg = quantize_artifacts(args.artifacts, args.out)
         print(f"wrote {args.out}: {cfg.total_rows:,} rows as row-wise int8")
@@ -168,12 +168,12 @@ def _add_predict(sub) -> None:
         "predict", help="stream a Criteo TSV or JSON-lines file through a running server, one probability per line"
     )
 
-    from .client.commands import add_predict_options
+    from dlrm_serve.client.commands import add_predict_options
 
     add_predict_options(p)
 
     def run(args):
-        from .client.commands import predict_command
+        from dlrm_serve.client.commands import predict_command
 
         predict_command(args)
 
@@ -183,12 +183,12 @@ def _add_predict(sub) -> None:
 def _add_models(sub) -> None:
     p = sub.add_parser("models", help="manage the server's models: ping, list, describe, register, scale, set-default, unregister")
 
-    from .client.commands import add_models_subcommands
+    from dlrm_serve.client.commands import add_models_subcommands
 
     add_models_subcommands(p)
 
     def run(args):
-        from .client.commands import models_command
+        from dlrm_serve.client.commands import models_command
 
         models_command(args)
 
@@ -208,7 +208,7 @@ def _add_export_onnx(sub) -> None:
     )
 
     def run(args):
-        from .export import DEFAULT_OPSET, export_onnx, onnx_problem
+        from dlrm_serve.runtime.export import DEFAULT_OPSET, export_onnx, onnx_problem
 
         if args.if_needed:
             problem = onnx_problem(args.artifacts)
@@ -241,8 +241,8 @@ def _add_kserve(sub) -> None:
     p.add_argument("--max-rows", type=int, default=None, help="most rows one request may carry (default: 8192)")
 
     def run(args):
-        from .codecs import MAX_ROWS
-        from .kserve_server import main_args
+        from dlrm_serve.io.codecs import MAX_ROWS
+        from dlrm_serve.serve.kserve_server import main_args
 
         if args.max_rows is None:
             args.max_rows = MAX_ROWS
@@ -268,7 +268,7 @@ def _add_explain(sub) -> None:
     p.add_argument("--chart", default=None, help="the bar chart PNG of --global (default: --out with .png)")
 
     def run(args):
-        from .explain_tools import explain_command
+        from dlrm_serve.offline.explain_tools import explain_command
 
         explain_command(args)
 
@@ -284,7 +284,7 @@ def _add_baseline(sub) -> None:
     p.add_argument("--rows", type=int, default=None, help="use only the first N rows")
 
     def run(args):
-        from .explain_tools import baseline_command
+        from dlrm_serve.offline.explain_tools import baseline_command
 
         baseline_command(args)
 

@@ -1,7 +1,7 @@
 """Training a DLRM on Criteo TSV files or on synthetic data from a planted model.
 
-Rows go file -> :func:`~dlrm_serve.data.read_criteo` chunks ->
-:class:`~dlrm_serve.features.FeatureEncoder` -> :class:`Rows` (dense inputs,
+Rows go file -> :func:`~dlrm_serve.io.data.read_criteo` chunks ->
+:class:`~dlrm_serve.io.features.FeatureEncoder` -> :class:`Rows` (dense inputs,
 one table row per categorical field, -1 = missing) -> mini-batches.  Small
 data sets are held in memory and shuffled as a whole; bigger ones are
 streamed chunk by chunk every epoch, shuffled within a chunk, so memory stays
@@ -27,13 +27,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import data as data_mod
-from .artifacts import METRICS_FILE, load_config
-from .weights import save_artifacts
-from .config import DLRMConfig, preset
-from .evaluation import log_loss, roc_auc
-from .features import FeatureBatch, FeatureEncoder
-from .model import DLRM
+from dlrm_serve.io import data as data_mod
+from dlrm_serve.artifacts import METRICS_FILE, load_config
+from dlrm_serve.model.weights import save_artifacts
+from dlrm_serve.config import DLRMConfig, preset
+from dlrm_serve.offline.evaluation import log_loss, roc_auc
+from dlrm_serve.io.features import FeatureBatch, FeatureEncoder
+from dlrm_serve.model.dlrm import DLRM
 
 __all__ = [
     "DEFAULT_ROWS",
@@ -420,8 +420,8 @@ def train(options: TrainOptions, log: Callable[[str], None] = print) -> dict:
 
 
 def explanation_baseline(model: DLRM, parts: Iterator[Rows]) -> dict[str, torch.Tensor]:
-    """The mean model input over the training rows, stored for explanations (:mod:`dlrm_serve.explain`)."""
-    from .explain import BaselineAccumulator
+    """The mean model input over the training rows, stored for explanations (:mod:`dlrm_serve.runtime.explain`)."""
+    from dlrm_serve.runtime.explain import BaselineAccumulator
 
     acc = BaselineAccumulator(model.config)
     for rows in parts:

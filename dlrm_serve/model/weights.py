@@ -18,10 +18,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .artifacts import CONFIG_FILE, EXTRA_PREFIX, WEIGHTS_FILE, load_config, write_metrics
-from .config import DLRMConfig
-from .errors import ArtifactError
-from .model import DLRM
+from dlrm_serve.artifacts import CONFIG_FILE, EXTRA_PREFIX, WEIGHTS_FILE, load_config, write_metrics
+from dlrm_serve.config import DLRMConfig
+from dlrm_serve.errors import ArtifactError
+from dlrm_serve.model.dlrm import DLRM
 
 __all__ = ["expected_shapes", "extra_shapes", "save_artifacts", "load_weights", "load_model", "check_artifacts"]
 

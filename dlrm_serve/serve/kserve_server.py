@@ -13,9 +13,9 @@ Runs :class:`DLRMModel`, a ``kserve.Model``, in ``kserve.ModelServer``
   ``/metrics``.
 
 Decoding is the library's: v1 bodies go through
-:func:`dlrm_serve.codecs.decode_request`, v2 tensors through
-:func:`dlrm_serve.oip.raw_batch`, both ending in the same
-:class:`~dlrm_serve.features.FeatureEncoder` and backend as TorchServe's
+:func:`dlrm_serve.io.codecs.decode_request`, v2 tensors through
+:func:`dlrm_serve.serve.oip.raw_batch`, both ending in the same
+:class:`~dlrm_serve.io.features.FeatureEncoder` and backend as TorchServe's
 handler, with the same error messages (HTTP 400 ``{"error": ...}``, gRPC
 INVALID_ARGUMENT).
 
@@ -35,10 +35,10 @@ import threading
 from concurrent import futures
 from typing import Any
 
-from .backends import load_backend
-from .codecs import MAX_ROWS, decode_request, predictions_body
-from .errors import DLRMServeError
-from .features import FeatureEncoder
+from dlrm_serve.runtime.backends import load_backend
+from dlrm_serve.io.codecs import MAX_ROWS, decode_request, predictions_body
+from dlrm_serve.errors import DLRMServeError
+from dlrm_serve.io.features import FeatureEncoder
 
 __all__ = ["DLRMModel", "serve", "main_args"]
 
@@ -74,7 +74,7 @@ from kserve.protocol.grpc.servicer import InferenceServicer  # noqa: E402
 from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse  # noqa: E402
 from kserve.protocol.rest.server import RESTServer  # noqa: E402
 
-from . import oip  # noqa: E402
+from dlrm_serve.serve import oip  # noqa: E402
 
 
 class DLRMModel(kserve.Model):

@@ -1,6 +1,6 @@
 """Request bytes <-> raw rows, for every wire format.  numpy only.
 
-Formats (all end in :class:`~dlrm_serve.features.FeatureEncoder`):
+Formats (all end in :class:`~dlrm_serve.io.features.FeatureEncoder`):
 
 - JSON (``application/json``): one instance, ``{"instances": [...]}``.
 - Criteo TSV (``text/tab-separated-values``, ``text/plain``): one row per
@@ -41,8 +41,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .errors import InvalidInput
-from .features import FeatureBatch, FeatureEncoder, RawBatch, field_spans, int_fields
+from dlrm_serve.errors import InvalidInput
+from dlrm_serve.io.features import FeatureBatch, FeatureEncoder, RawBatch, field_spans, int_fields
 
 __all__ = [
     "MAX_ROWS",

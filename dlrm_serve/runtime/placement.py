@@ -33,7 +33,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from .errors import DeviceError
+from dlrm_serve.errors import DeviceError
 
 __all__ = [
     "DEVICE_SETTINGS",
@@ -240,7 +240,7 @@ def gpu_free_bytes(index: int) -> int | None:
 def _cuda_for(backend: str) -> tuple[Callable[[], int], Callable[[], str]]:
     """(device count, report) of what CUDA ``backend`` can use."""
     if backend == "onnxruntime":
-        from .onnx_backend import cuda_provider_usable, ort_cuda_report
+        from dlrm_serve.runtime.onnx_backend import cuda_provider_usable, ort_cuda_report
 
         def count() -> int:
             # onnxruntime cannot count devices; torch (always beside TorchServe) can.
@@ -254,7 +254,7 @@ def place_worker(settings: dict, context) -> Placement:
     """The :class:`Placement` of the worker TorchServe's ``context`` describes.
 
     Reads ``settings["device"]`` and ``settings["backend"]`` (from
-    :func:`dlrm_serve.serving.read_settings`), the archive's ``deviceType``
+    :func:`dlrm_serve.serve.serving.read_settings`), the archive's ``deviceType``
     and ``context.system_properties["gpu_id"]``.
     """
     props = getattr(context, "system_properties", None) or {}

@@ -1,0 +1,3 @@
+from dlrm_serve.cli import main
+
+raise SystemExit(main())

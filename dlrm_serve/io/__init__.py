@@ -1,0 +1,1 @@
+"""Request and file decoding: raw values to model inputs (numpy only, no torch)."""

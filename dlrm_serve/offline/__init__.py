@@ -1,0 +1,1 @@
+"""Work on files: training, offline scoring, evaluation, explanation reports."""

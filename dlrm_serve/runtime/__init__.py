@@ -1,0 +1,1 @@
+"""Running a model: the backends (torch, ONNX Runtime), devices, explanations."""

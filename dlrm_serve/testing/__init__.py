@@ -1,0 +1,1 @@
+"""Test and benchmark support: a private TorchServe, process memory measurement."""
