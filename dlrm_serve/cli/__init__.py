@@ -96,7 +96,7 @@ def _add_import(sub) -> None:
     )
 
     def run(args):
-        from dlrm_serve.model.reference import import_checkpoint
+        from dlrm_serve.model.checkpoints.reference import import_checkpoint
 
         op = {None: (None, None), "dot": ("dot", False), "dot-self": ("dot", True), "cat": ("cat", False)}
         interaction, self_interaction = op[args.interaction]
