@@ -22,6 +22,7 @@ import glob
 import json
 import math
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -243,9 +244,13 @@ class UnitScorer:
                 missing = [n for n in self.names if n not in cols]
                 if missing:
                     raise InvalidInput(f"{u['path']}: has no column(s) {', '.join(missing)}")
-                dense = np.stack([cols[n] for n in self.encoder.dense_names], axis=1).astype(object)
-                sparse = np.stack([cols[n] for n in self.encoder.sparse_names], axis=1).astype(object)
-                sparse[np.equal(sparse, None)] = ""
+                # Python values (None = missing), what the JSON route gets too.
+                dense = np.empty((hi - lo, len(self.encoder.dense_names)), dtype=object)
+                sparse = np.empty((hi - lo, len(self.encoder.sparse_names)), dtype=object)
+                for j, n in enumerate(self.encoder.dense_names):
+                    dense[:, j] = t.column(n).to_pylist()
+                for j, n in enumerate(self.encoder.sparse_names):
+                    sparse[:, j] = t.column(n).to_pylist()
                 where = np.arange(pos + lo, pos + hi, dtype=np.int64) + 1  # 1-based row of the file
                 cols["__bad__"] = []
                 yield where, (lambda idx, d=dense, s=sparse: self.encoder.encode_columns(d[idx], s[idx])), cols
@@ -262,6 +267,11 @@ def _invalid_cause(exc: BaseException) -> InvalidInput | None:
         seen.add(id(exc))
         if isinstance(exc, InvalidInput):
             return exc
+        text = str(exc)
+        # Ray Data re-raises a UDF's error as UserCodeException holding only its traceback text.
+        found = re.search(r"dlrm_serve\.errors\.InvalidInput: (.+)", text)
+        if found:
+            return InvalidInput(found.group(1).strip())
         exc = getattr(exc, "cause", None) or exc.__cause__ or exc.__context__
     return None
 
@@ -361,7 +371,7 @@ def ray_score_command(args) -> None:
     """``dlrm-serve score --engine ray``: the CLI flags as a :func:`score_ray` call."""
     r = score_ray(
         args.artifacts, args.input, args.out, address=args.address, actors=args.actors,
-        threads=args.threads, batch_rows=args.batch_rows, precision=args.precision,
+        threads=args.threads, batch_rows=args.batch_rows, unit_rows=args.unit_rows, precision=args.precision,
         on_error=args.on_error, keep_columns=args.keep_columns.split(",") if args.keep_columns else None,
     )
     rate = r["rows"] / r["seconds"] if r["seconds"] > 0 else math.inf
