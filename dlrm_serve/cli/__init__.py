@@ -310,13 +310,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.func(args)
     except DLRMServeError as e:
+        # The family is what the library reports as a user's mistake (or a missing
+        # tool); anything else is a bug and keeps its traceback.
         print(f"dlrm-serve {args.command}: {e.message}", file=sys.stderr)
         return 2
-    except ValueError as e:
-        # Library functions raise ValueError naming the bad value: a user error.
-        print(f"dlrm-serve {args.command}: {e}", file=sys.stderr)
-        return 2
     except (FileNotFoundError, IsADirectoryError) as e:
+        # A path the user named that is not there (open() reports it, not the family).
         print(f"dlrm-serve {args.command}: {e}", file=sys.stderr)
         return 2
     return 0

@@ -15,6 +15,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from dlrm_serve.errors import InvalidInput, UsageError
 from dlrm_serve.runtime.explain import DEFAULT_METHOD, EXPLAIN_MAX_ROWS, BaselineAccumulator, Explainer, explainer_for, parse_method
 
 __all__ = [
@@ -38,7 +39,7 @@ logger = logging.getLogger(__name__)
 def global_importance(explanations: Sequence[dict]) -> list[tuple[str, float]]:
     """``(feature, mean |attribution|)`` over ``explanations``, largest first."""
     if not explanations:
-        raise ValueError("no explanations to summarise")
+        raise InvalidInput("no explanations to summarise")
     names = list(explanations[0]["attributions"])
     values = np.array([[e["attributions"][n] for n in names] for e in explanations], dtype=np.float64)
     mean = np.abs(values).mean(axis=0)
@@ -142,7 +143,7 @@ def explain_command(args) -> None:
     out = Path(args.out)
     if args.global_rows is not None:
         if args.global_rows <= 0:
-            raise ValueError(f"--global needs a positive row count, got {args.global_rows}")
+            raise UsageError(f"--global needs a positive row count, got {args.global_rows}")
         explanations = list(explain_file(args.artifacts, args.input, method=args.method, limit=args.global_rows))
         method = parse_method(args.method)
         importance = global_importance(explanations)

@@ -39,7 +39,7 @@ from typing import Any, Mapping
 from dlrm_serve.client.core import Client
 from dlrm_serve.client.keys import Keys
 from dlrm_serve.client.transports import RestTransport, _bearer
-from dlrm_serve.errors import DLRMServeError
+from dlrm_serve.errors import DLRMServeError, LaunchError, UsageError, ConfigError
 
 __all__ = [
     "LaunchError",
@@ -54,12 +54,6 @@ __all__ = [
 ]
 
 LOOPBACK = "127.0.0.1"
-
-
-class LaunchError(DLRMServeError):
-    """TorchServe did not start, or a management call failed."""
-
-    status = 500
 
 
 @dataclass(frozen=True)
@@ -114,7 +108,7 @@ def load_properties(path: str | os.PathLike) -> dict[str, str]:
                 continue
             key, sep, value = line.partition("=")
             if not sep:
-                raise ValueError(f"{path}: line {line!r} is not key=value")
+                raise ConfigError(f"{path}: line {line!r} is not key=value")
             props[key.strip()] = value.strip()
     return props
 
@@ -159,7 +153,7 @@ def http_request(
         data = data.encode("utf-8")
     parts = urllib.parse.urlsplit(url)
     if parts.scheme != "http" or not parts.hostname:
-        raise ValueError(f"only http:// URLs are supported, got {url!r}")
+        raise UsageError(f"only http:// URLs are supported, got {url!r}")
     path = parts.path or "/"
     if parts.query:
         path += "?" + parts.query
