@@ -1,9 +1,13 @@
 """The ``dlrm-serve`` command line.
 
 Each subcommand is registered by one ``_add_*`` function below and runs a
-library function; nothing here holds logic of its own.  Errors of the
+library function, or a ``*_command(args)`` of this package's modules (one per
+area: :mod:`~dlrm_serve.cli.train`, :mod:`~dlrm_serve.cli.score`,
+:mod:`~dlrm_serve.cli.explain`, :mod:`~dlrm_serve.cli.client`); library
+modules hold no argparse code.  Errors of the
 :class:`~dlrm_serve.errors.DLRMServeError` family print their message and
-exit 2, without a traceback.
+exit 2, without a traceback; any other exception is a bug and keeps its
+traceback.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ def _add_train(sub) -> None:
     p.add_argument("--data-dir", default="data", help="where synthetic data is written (default: data)")
 
     def run(args):
-        from dlrm_serve.offline.train import train_command
+        from dlrm_serve.cli.train import train_command
 
         train_command(args)
 
@@ -77,7 +81,7 @@ def _add_score(sub) -> None:
     p.add_argument("--batch-rows", type=int, default=4096)
 
     def run(args):
-        from dlrm_serve.offline.score import score_command
+        from dlrm_serve.cli.score import score_command
 
         score_command(args)
 
@@ -168,12 +172,12 @@ def _add_predict(sub) -> None:
         "predict", help="stream a Criteo TSV or JSON-lines file through a running server, one probability per line"
     )
 
-    from dlrm_serve.client.commands import add_predict_options
+    from dlrm_serve.cli.client import add_predict_options
 
     add_predict_options(p)
 
     def run(args):
-        from dlrm_serve.client.commands import predict_command
+        from dlrm_serve.cli.client import predict_command
 
         predict_command(args)
 
@@ -183,12 +187,12 @@ def _add_predict(sub) -> None:
 def _add_models(sub) -> None:
     p = sub.add_parser("models", help="manage the server's models: ping, list, describe, register, scale, set-default, unregister")
 
-    from dlrm_serve.client.commands import add_models_subcommands
+    from dlrm_serve.cli.client import add_models_subcommands
 
     add_models_subcommands(p)
 
     def run(args):
-        from dlrm_serve.client.commands import models_command
+        from dlrm_serve.cli.client import models_command
 
         models_command(args)
 
@@ -268,7 +272,7 @@ def _add_explain(sub) -> None:
     p.add_argument("--chart", default=None, help="the bar chart PNG of --global (default: --out with .png)")
 
     def run(args):
-        from dlrm_serve.offline.explain_tools import explain_command
+        from dlrm_serve.cli.explain import explain_command
 
         explain_command(args)
 
@@ -284,7 +288,7 @@ def _add_baseline(sub) -> None:
     p.add_argument("--rows", type=int, default=None, help="use only the first N rows")
 
     def run(args):
-        from dlrm_serve.offline.explain_tools import baseline_command
+        from dlrm_serve.cli.explain import baseline_command
 
         baseline_command(args)
 

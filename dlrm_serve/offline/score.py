@@ -26,7 +26,7 @@ from dlrm_serve.errors import InvalidInput, UsageError
 from dlrm_serve.io.features import FeatureBatch, FeatureEncoder
 
 # detect_format and format_probabilities live in dlrm_serve.io.data (shared with `dlrm-serve predict`).
-__all__ = ["detect_format", "iter_batches", "format_probabilities", "score_file", "score_command"]
+__all__ = ["detect_format", "iter_batches", "format_probabilities", "score_file"]
 
 
 def _json_batches(path: str, encoder: FeatureEncoder, batch_rows: int) -> Iterator[FeatureBatch]:
@@ -114,12 +114,3 @@ def score_file(
     finally:
         tmp.unlink(missing_ok=True)
     return rows
-
-
-def score_command(args) -> None:
-    """``dlrm-serve score``: the CLI flags as a :func:`score_file` call."""
-    rows = score_file(
-        args.artifacts, args.input, args.out, backend=args.backend, precision=args.precision,
-        batch_rows=args.batch_rows,
-    )
-    print(f"wrote {rows} probabilities to {args.out}")

@@ -1,7 +1,7 @@
 """``dlrm-serve predict`` and ``dlrm-serve models``: argument sets and the commands.
 
-:mod:`dlrm_serve.cli` registers the subcommands; the options and the work
-live here, next to the client they drive.
+:mod:`dlrm_serve.cli` registers the subcommands; their options and the work
+live here, on top of :mod:`dlrm_serve.client`.
 """
 
 from __future__ import annotations
