@@ -8,7 +8,7 @@ GPU ?=
 STAMP := $(VENV)/.installed$(if $(filter 1,$(GPU)),-gpu)
 REQUIREMENTS := $(if $(filter 1,$(GPU)),requirements-gpu.txt,requirements.txt)
 
-.PHONY: setup test serve stop train java bench-decode bench-model bench-serve bench-backends bench-scale soak clean
+.PHONY: setup test serve stop train java bench-decode bench-model bench-serve bench-backends bench-scale soak clean torchrec-venv
 
 setup: $(STAMP)
 
@@ -59,6 +59,20 @@ bench-scale: setup java
 SOAK_S ?= 600
 soak: setup java
 	$(PY) bench/soak.py --duration $(SOAK_S) $(SOAK_ARGS)
+
+# A separate venv with TorchRec (for tests/test_torchrec_real.py and the forward
+# benchmark's TorchRec rows).  Never part of make setup, make test or CI: torch
+# 2.14.1 from PyPI is a CUDA build (~5.5 GB) that runs here on the CPU.
+TORCHREC_VENV := .venv-torchrec
+torchrec-venv: $(TORCHREC_VENV)/.installed
+
+$(TORCHREC_VENV)/.installed:
+	test -x $(TORCHREC_VENV)/bin/python || $(PYTHON) -m venv $(TORCHREC_VENV)
+	$(TORCHREC_VENV)/bin/python -m pip install --upgrade --quiet pip
+	$(TORCHREC_VENV)/bin/python -m pip install --quiet torch==2.14.1 fbgemm-gpu-cpu==1.9.0 torchmetrics==1.0.3 tensordict pyre-extensions tqdm numpy safetensors
+	$(TORCHREC_VENV)/bin/python -m pip install --quiet --no-deps torchrec==1.9.2
+	$(TORCHREC_VENV)/bin/python -c 'import torch, torchrec.models.dlrm; print("torchrec venv: torch", torch.__version__)'
+	touch $@
 
 clean:
 	rm -rf model_store/*.mar logs key_file.json .pytest_cache

@@ -20,7 +20,11 @@ from dlrm_serve.artifacts import CONFIG_FILE, WEIGHTS_FILE, check_artifacts, loa
 from dlrm_serve.config import PRESETS, DLRMConfig, preset
 from dlrm_serve.errors import ArtifactError
 from dlrm_serve.io.features import FeatureEncoder
-from dlrm_serve.model.dlrm import STACK_MIN_BATCH, DLRM, DenseArch, InteractionArch, OverArch, SparseArch
+from dlrm_serve.model.dense import DenseArch
+from dlrm_serve.model.dlrm import STACK_MIN_BATCH, DLRM
+from dlrm_serve.model.interaction import InteractionArch
+from dlrm_serve.model.over import OverArch
+from dlrm_serve.model.sparse import SparseArch
 
 SMALL = dict(
     table_sizes=(7, 3, 11, 5),
