@@ -93,15 +93,11 @@ def _add_score(sub) -> None:
     ray.add_argument("--keep-columns", help="comma-separated input columns copied to a Parquet OUT folder")
 
     def run(args):
-<<<<<<< HEAD
         if args.engine == "ray":
             from dlrm_serve.offline.ray_score import ray_score_command
 
             return ray_score_command(args)
-        from dlrm_serve.offline.score import score_command
-=======
         from dlrm_serve.cli.score import score_command
->>>>>>> main
 
         if len(args.input) != 1:
             raise InvalidInput("score without --engine ray takes one input file")
