@@ -8,10 +8,7 @@ module and always stopped, by the pids of its own processes.
 from __future__ import annotations
 
 import gzip
-import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -30,6 +27,7 @@ from dlrm_serve.artifacts import save_artifacts  # noqa: E402
 from dlrm_serve.config import DLRMConfig  # noqa: E402
 from dlrm_serve.io.data import generate, read_criteo  # noqa: E402
 from dlrm_serve.model.dlrm import DLRM  # noqa: E402
+from dlrm_serve.offline._ray_cluster import cluster_processes, local_cluster  # noqa: E402
 
 CONFIG = DLRMConfig(
     table_sizes=(50, 300, 1000), embedding_dim=4, bottom_mlp=(8, 4), top_mlp=(8, 1),
@@ -39,52 +37,11 @@ BIN = Path(sys.executable).parent
 TOL = 1e-6
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _ours(marker: str) -> list[psutil.Process]:
-    """Processes of this cluster: those whose command line names its temp dir, and their children."""
-    found = {}
-    for p in psutil.process_iter(["cmdline"]):
-        try:
-            if any(marker in a for a in p.info["cmdline"] or []):
-                found[p.pid] = p
-                for c in p.children(recursive=True):
-                    found[c.pid] = c
-        except psutil.Error:
-            pass
-    return list(found.values())
-
-
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    """``127.0.0.1:port`` of a two-node cluster, one CPU per node."""
-    tmp = tmp_path_factory.mktemp("ray")
-    temp_dir = str(tmp / "rt")  # short: Ray's socket paths must stay under 107 bytes
-    port = _free_port()
-    env = {**os.environ, "RAY_TMPDIR": temp_dir, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token"}
-    common = ["--num-cpus", "1", "--node-ip-address", "127.0.0.1", "--disable-usage-stats"]
-    try:
-        subprocess.run(
-            [str(BIN / "ray"), "start", "--head", "--port", str(port), "--include-dashboard", "false",
-             "--temp-dir", temp_dir, *common], check=True, env=env, capture_output=True, timeout=120,
-        )
-        subprocess.run(
-            [str(BIN / "ray"), "start", "--address", f"127.0.0.1:{port}", *common],
-            check=True, env=env, capture_output=True, timeout=120,
-        )
-        yield {"address": f"127.0.0.1:{port}", "env": env}
-    finally:
-        procs = _ours(temp_dir)
-        for p in procs:
-            try:
-                p.send_signal(signal.SIGKILL)
-            except psutil.Error:
-                pass
-        psutil.wait_procs(procs, timeout=10)
+    """``{address, env}`` of a two-node cluster, one CPU per node; always stopped."""
+    with local_cluster(tmp_path_factory.mktemp("ray") / "rt", nodes=2, cpus=1) as c:
+        yield c
 
 
 @pytest.fixture(scope="module")
@@ -178,7 +135,7 @@ def test_bad_row_skipped_is_nan_and_counted(cluster, data, tmp_path):
 
 def _actors(marker: str) -> list[psutil.Process]:
     found = []
-    for p in _ours(marker):
+    for p in cluster_processes(marker):
         try:
             if "UnitScorer" in " ".join(p.cmdline()):
                 found.append(p)
@@ -202,7 +159,7 @@ def test_an_actor_killed_mid_job_is_restarted_and_every_row_comes_once_in_order(
         part = Path(str(out) + ".part")
         # Kill once rows have started to come back, while most units are still to do.
         while time.monotonic() < deadline and job.poll() is None:
-            actors = _actors(cluster["env"]["RAY_TMPDIR"])
+            actors = _actors(cluster["temp_dir"])
             if actors and part.exists() and part.stat().st_size > 0:
                 killed = actors[0]
                 killed.send_signal(signal.SIGKILL)
