@@ -325,9 +325,8 @@ def score_ray(
             batch_size=1,
             compute=ray.data.ActorPoolStrategy(size=actors),
             num_cpus=threads,
-            # A killed actor is restarted and its unit retried; a unit's rows come back only when it completes.
-            max_restarts=-1,
-            max_task_retries=-1,
+            # Ray Data's actor pools default to max_restarts=-1, max_task_retries=-1: a killed
+            # actor is restarted and its unit retried; a unit's rows count only once it completes.
         )
         rows, bad = _write(ds, out)
     except Exception as e:
