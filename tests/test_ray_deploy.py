@@ -58,3 +58,17 @@ def test_entrypoint_is_the_ray_score_command_with_artifacts_on_the_volume(job):
     assert spec["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
     assert args.actors * args.threads <= cpus
     assert spec["rayVersion"] == "2.60.0"
+
+
+def test_the_package_imports_without_ray():
+    """ray is an optional extra: the CLI and the Ray engine's module import it only when a job runs."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; import dlrm_serve.cli, dlrm_serve.offline.ray_score, dlrm_serve.offline.score; "
+        "bad = [m for m in sys.modules if m == 'ray' or m.startswith(('ray.', 'pyarrow'))]; "
+        "sys.exit(f'imported {bad}' if bad else 0)"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr

@@ -8,6 +8,7 @@ module and always stopped, by the pids of its own processes.
 from __future__ import annotations
 
 import gzip
+import json
 import signal
 import subprocess
 import sys
@@ -101,6 +102,24 @@ def test_tsv_folder_and_parquet_equal_the_single_process_scorer(cluster, data, t
     assert table.column("row").to_pylist() == list(range(2500))
     assert table.column("label").to_pylist() == chunk.labels.tolist()
     np.testing.assert_allclose(table.column("probability").to_numpy(), want, rtol=0, atol=TOL)
+
+
+def test_json_lines_equal_the_single_process_scorer(cluster, data, tmp_path):
+    (chunk,) = read_criteo([str(data / "tsv" / "a.tsv")], 2, 3)
+    with open(tmp_path / "rows.jsonl", "w") as fh:
+        for i, (d, s) in enumerate(zip(chunk.dense.tolist(), chunk.sparse.tolist())):
+            dense = [None if x == "" else int(x) for x in d]
+            sparse = [None if x == "" else x for x in s]
+            if i % 2:  # both shapes the server accepts: by position and by name
+                fh.write(json.dumps({"dense": dense, "sparse": sparse}) + "\n")
+            else:
+                fh.write(json.dumps(dict(zip(CONFIG.dense_names + CONFIG.sparse_names, dense + sparse))) + "\n")
+            if i == 10:
+                fh.write("\n")  # blank lines are skipped, as by the single-process scorer
+    want = _local(data, tmp_path / "rows.jsonl", tmp_path / "local.txt")
+    r = _ray(cluster, data, str(tmp_path / "rows.jsonl"), "--out", str(tmp_path / "ray.txt"), "--unit-rows", "600")
+    assert r.returncode == 0, r.stderr
+    np.testing.assert_allclose(np.loadtxt(tmp_path / "ray.txt"), want, rtol=0, atol=TOL)
 
 
 def _with_bad_row(data: Path, tmp_path: Path) -> tuple[Path, int]:

@@ -19,12 +19,14 @@ name the file and line, the 400-style message the server gives.
 from __future__ import annotations
 
 import glob
+import gzip
 import json
 import math
 import os
 import re
 import sys
 import time
+import zlib
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -165,19 +167,23 @@ class UnitScorer:
         numbers: list[int] = []
         row, start, stop = 0, int(u["start"]), int(u["stop"])
         blank = (lambda s: not s.strip()) if u["fmt"] == "json" else (lambda s: not s.strip("\r\n"))
-        with open_text(str(u["path"])) as fh:
-            for number, line in enumerate(fh, start=1):
-                if blank(line):
-                    continue
-                if row >= start:
-                    lines.append(line)
-                    numbers.append(number)
-                    if len(lines) == self.batch_rows:
-                        yield self._text_chunk(u, lines, numbers)
-                        lines, numbers = [], []
-                row += 1
-                if row >= stop:
-                    break
+        number = 0
+        try:
+            with open_text(str(u["path"])) as fh:
+                for number, line in enumerate(fh, start=1):
+                    if blank(line):
+                        continue
+                    if row >= start:
+                        lines.append(line)
+                        numbers.append(number)
+                        if len(lines) == self.batch_rows:
+                            yield self._text_chunk(u, lines, numbers)
+                            lines, numbers = [], []
+                    row += 1
+                    if row >= stop:
+                        break
+        except (gzip.BadGzipFile, EOFError, zlib.error) as e:
+            raise InvalidInput(f"{u['path']}, after line {number}: not a readable gzip file ({e})") from None
         if lines:
             yield self._text_chunk(u, lines, numbers)
 
