@@ -94,7 +94,7 @@ def _add_score(sub) -> None:
 
     def run(args):
         if args.engine == "ray":
-            from dlrm_serve.offline.ray_score import ray_score_command
+            from dlrm_serve.cli.ray_score import ray_score_command
 
             return ray_score_command(args)
         from dlrm_serve.cli.score import score_command

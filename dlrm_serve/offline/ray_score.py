@@ -21,10 +21,8 @@ from __future__ import annotations
 import glob
 import gzip
 import json
-import math
 import os
 import re
-import sys
 import time
 import zlib
 from pathlib import Path
@@ -36,7 +34,7 @@ from dlrm_serve.errors import InvalidInput
 from dlrm_serve.io.codecs import split_tsv
 from dlrm_serve.io.data import at_line, count_rows, detect_format, format_probabilities, open_text
 
-__all__ = ["expand_inputs", "plan_units", "UnitScorer", "score_ray", "ray_score_command"]
+__all__ = ["expand_inputs", "plan_units", "UnitScorer", "score_ray"]
 
 UNIT_ROWS = 65536  # rows per Ray task: big enough that a task's overhead stays small
 PARQUET = (".parquet", ".pq")
@@ -370,16 +368,3 @@ def _write(ds, out: str) -> tuple[int, int]:
     # Counted from the files written (streamed by pyarrow), not from rows held here.
     written = pads.dataset(out, format="parquet")
     return written.count_rows(), written.count_rows(filter=pc.field("error") != "")
-
-
-def ray_score_command(args) -> None:
-    """``dlrm-serve score --engine ray``: the CLI flags as a :func:`score_ray` call."""
-    r = score_ray(
-        args.artifacts, args.input, args.out, address=args.address, actors=args.actors,
-        threads=args.threads, batch_rows=args.batch_rows, unit_rows=args.unit_rows, precision=args.precision,
-        on_error=args.on_error, keep_columns=args.keep_columns.split(",") if args.keep_columns else None,
-    )
-    rate = r["rows"] / r["seconds"] if r["seconds"] > 0 else math.inf
-    skipped = f", {r['bad']} bad rows written as NaN" if r["bad"] else ""
-    print(f"scored {r['rows']} rows in {r['seconds']:.2f} s ({rate:,.0f} rows/s) with {r['actors']} actors{skipped}; wrote {args.out}")
-    sys.stdout.flush()
