@@ -14,6 +14,8 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+from dlrm_serve.errors import ConfigError
+
 __all__ = [
     "FORMAT_VERSION",
     "DLRMConfig",
@@ -56,7 +58,7 @@ def _positive_ints(name: str, values: Any) -> tuple[int, ...]:
     out = tuple(values)
     for v in out:
         if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-            raise ValueError(f"{name} must hold positive integers, got {v!r} in {list(out)}")
+            raise ConfigError(f"{name} must hold positive integers, got {v!r} in {list(out)}")
     return out
 
 
@@ -105,45 +107,45 @@ class DLRMConfig:
         _positive_ints("bottom_mlp", self.bottom_mlp)
         _positive_ints("top_mlp", self.top_mlp)
         if isinstance(self.embedding_dim, bool) or not isinstance(self.embedding_dim, int) or self.embedding_dim <= 0:
-            raise ValueError(f"embedding_dim must be a positive integer, got {self.embedding_dim!r}")
+            raise ConfigError(f"embedding_dim must be a positive integer, got {self.embedding_dim!r}")
         if not self.dense_names:
-            raise ValueError("dense_names is empty: DLRM needs at least one dense feature")
+            raise ConfigError("dense_names is empty: DLRM needs at least one dense feature")
         if not self.sparse_names:
-            raise ValueError("sparse_names is empty: DLRM needs at least one categorical feature")
+            raise ConfigError("sparse_names is empty: DLRM needs at least one categorical feature")
         names = self.dense_names + self.sparse_names
         if len(set(names)) != len(names):
             dup = sorted({n for n in names if names.count(n) > 1})
-            raise ValueError(f"feature names must be unique, repeated: {dup}")
+            raise ConfigError(f"feature names must be unique, repeated: {dup}")
         for n in names:
             if not isinstance(n, str) or not n:
-                raise ValueError(f"feature names must be non-empty strings, got {n!r}")
+                raise ConfigError(f"feature names must be non-empty strings, got {n!r}")
         if len(self.table_sizes) != len(self.sparse_names):
-            raise ValueError(
+            raise ConfigError(
                 f"table_sizes has {len(self.table_sizes)} entries but there are "
                 f"{len(self.sparse_names)} categorical features"
             )
         if not self.bottom_mlp or self.bottom_mlp[-1] != self.embedding_dim:
-            raise ValueError(
+            raise ConfigError(
                 f"bottom_mlp {list(self.bottom_mlp)} must end with the embedding dim {self.embedding_dim}"
             )
         if not self.top_mlp or self.top_mlp[-1] != 1:
-            raise ValueError(f"top_mlp {list(self.top_mlp)} must end with width 1 (one click logit)")
+            raise ConfigError(f"top_mlp {list(self.top_mlp)} must end with width 1 (one click logit)")
         if self.interaction not in INTERACTIONS:
-            raise ValueError(f"interaction must be one of {INTERACTIONS}, got {self.interaction!r}")
+            raise ConfigError(f"interaction must be one of {INTERACTIONS}, got {self.interaction!r}")
         if self.dense_transform not in DENSE_TRANSFORMS:
-            raise ValueError(f"dense_transform must be one of {DENSE_TRANSFORMS}, got {self.dense_transform!r}")
+            raise ConfigError(f"dense_transform must be one of {DENSE_TRANSFORMS}, got {self.dense_transform!r}")
         if self.categorical_hash not in CATEGORICAL_HASHES:
-            raise ValueError(f"categorical_hash must be one of {CATEGORICAL_HASHES}, got {self.categorical_hash!r}")
+            raise ConfigError(f"categorical_hash must be one of {CATEGORICAL_HASHES}, got {self.categorical_hash!r}")
         if self.table_dtype not in TABLE_DTYPES:
-            raise ValueError(f"table_dtype must be one of {TABLE_DTYPES}, got {self.table_dtype!r}")
+            raise ConfigError(f"table_dtype must be one of {TABLE_DTYPES}, got {self.table_dtype!r}")
         if not isinstance(self.self_interaction, bool):
-            raise ValueError(f"self_interaction must be true or false, got {self.self_interaction!r}")
+            raise ConfigError(f"self_interaction must be true or false, got {self.self_interaction!r}")
         t = float(self.loss_threshold)
         if not 0.0 <= t < 0.5:
-            raise ValueError(f"loss_threshold must be in [0, 0.5), got {self.loss_threshold!r}")
+            raise ConfigError(f"loss_threshold must be in [0, 0.5), got {self.loss_threshold!r}")
         object.__setattr__(self, "loss_threshold", t)
         if self.format_version != FORMAT_VERSION:
-            raise ValueError(
+            raise ConfigError(
                 f"config format_version {self.format_version!r} is not supported by this "
                 f"dlrm-serve (it reads version {FORMAT_VERSION})"
             )
@@ -211,13 +213,13 @@ class DLRMConfig:
     @classmethod
     def from_dict(cls, data: dict) -> "DLRMConfig":
         if not isinstance(data, dict):
-            raise ValueError(f"a config must be a JSON object, got {type(data).__name__}")
+            raise ConfigError(f"a config must be a JSON object, got {type(data).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"unknown config keys {unknown}; known keys are {sorted(known)}")
+            raise ConfigError(f"unknown config keys {unknown}; known keys are {sorted(known)}")
         if "table_sizes" not in data:
-            raise ValueError("config is missing 'table_sizes'")
+            raise ConfigError("config is missing 'table_sizes'")
         return cls(**data)
 
     def to_json(self) -> str:
@@ -259,5 +261,5 @@ PRESETS = {
 def preset(name: str, **overrides: Any) -> DLRMConfig:
     """The config of a named preset (``demo``, ``criteo-kaggle``, ``criteo-terabyte``)."""
     if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+        raise ConfigError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
     return DLRMConfig(**{**PRESETS[name], **overrides})

@@ -1,8 +1,32 @@
 """One small exception family for everything dlrm-serve reports to a user.
 
 Each error carries a user-facing ``message`` and the HTTP ``status`` it maps
-to.  The mapping to a wire answer happens once, at the boundary (the
-TorchServe handler, the client, the command line).
+to.  The mapping to a wire answer happens once, at each boundary (the
+TorchServe handler, the KServe predictor, the client, the command line: the
+CLI prints ``message`` and exits 2 for any error of the family, and lets
+anything else show as the internal error it is).
+
+The base class is never raised itself; every raise names what went wrong::
+
+    DLRMServeError                 500  base: message + status, never raised bare
+    ├── InvalidInput               400  a request or data row that cannot be decoded (names row and field)
+    ├── UsageError                 400  an argument or option value that is not valid (a call, a flag)
+    ├── Unsupported                400  a valid request this model or backend cannot answer
+    ├── NotReady                   503  the model is not (yet) loaded; retry later
+    ├── ArtifactError              500  weights, config or checkpoints missing or inconsistent
+    │   └── ConfigError            500  a config file (dlrm.json, model-config.yaml, config.properties)
+    │                                   that is missing or not valid
+    ├── DeviceError                500  a device (CUDA) asked for but not usable here
+    ├── ToolchainError             500  a tool or optional package dlrm-serve needs is missing or broken
+    │                                   (torchserve's jar, grpcio-tools, protoc, kserve)
+    ├── LaunchError                500  a test TorchServe (or one of its processes) did not start or answer
+    ├── ServerError                500  client side: a server answer that is not a prediction
+    │   └── AuthError              401  client side: a missing, wrong or expired token
+    └── InternalError              500  an unexpected failure while serving one request
+
+``InvalidInput``, ``UsageError``, ``Unsupported``, ``ArtifactError`` (and so
+``ConfigError``) and ``DeviceError`` also subclass ``ValueError``, so callers
+that caught ``ValueError`` before the family existed still catch them.
 """
 
 from __future__ import annotations
@@ -10,12 +34,17 @@ from __future__ import annotations
 __all__ = [
     "DLRMServeError",
     "InvalidInput",
+    "UsageError",
+    "Unsupported",
+    "NotReady",
     "ArtifactError",
     "ConfigError",
+    "DeviceError",
+    "ToolchainError",
+    "LaunchError",
     "ServerError",
     "AuthError",
     "InternalError",
-    "DeviceError",
 ]
 
 
@@ -66,6 +95,25 @@ class InvalidInput(DLRMServeError, ValueError):
         return InvalidInput(self.reason, row=row, field=self.field)
 
 
+class UsageError(DLRMServeError, ValueError):
+    """An argument or option value that is not valid (HTTP 400); the message names it."""
+
+    status = 400
+
+
+class Unsupported(DLRMServeError, ValueError):
+    """A well-formed request that this model or backend cannot answer (HTTP 400),
+    for example explanations from an ONNX archive; the message says what can."""
+
+    status = 400
+
+
+class NotReady(DLRMServeError):
+    """The model is not loaded (yet, or its load failed): HTTP 503, retry later."""
+
+    status = 503
+
+
 class ArtifactError(DLRMServeError, ValueError):
     """Artifacts (weights, config, checkpoints) that are missing or inconsistent."""
 
@@ -73,8 +121,24 @@ class ArtifactError(DLRMServeError, ValueError):
 
 
 class ConfigError(ArtifactError):
-    """A ``dlrm.json`` that is missing or is not a valid config (the one error of
-    :func:`dlrm_serve.artifacts.load_config`)."""
+    """A config that is missing or not valid: ``dlrm.json`` (the one error of
+    :func:`dlrm_serve.artifacts.load_config`), a model-config.yaml, a
+    config.properties, or a :class:`~dlrm_serve.config.DLRMConfig` built with bad fields."""
+
+
+class ToolchainError(DLRMServeError):
+    """A tool or optional package that dlrm-serve needs is missing or broken:
+    torchserve's jar (the gRPC protocol files), grpcio-tools, protoc, kserve.
+    The message says what to install."""
+
+    status = 500
+
+
+class LaunchError(DLRMServeError):
+    """A test TorchServe (``dlrm_serve.testing``) did not start, or one of its
+    processes or management calls failed."""
+
+    status = 500
 
 
 class ServerError(DLRMServeError):

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from dlrm_serve.io.features import FeatureEncoder
-from dlrm_serve.testing.launcher import LaunchError
+from dlrm_serve.errors import LaunchError
 
 pytestmark = pytest.mark.integration
 

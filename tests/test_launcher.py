@@ -9,7 +9,8 @@ import time
 import pytest
 
 from conftest import ROOT
-from dlrm_serve.testing.launcher import LaunchError, Ports, TorchServe, free_ports, load_properties, render_properties
+from dlrm_serve.errors import LaunchError
+from dlrm_serve.testing.launcher import Ports, TorchServe, free_ports, load_properties, render_properties
 
 
 def test_properties_round_trip(tmp_path):

@@ -59,7 +59,7 @@ def test_numpy_layers_import_without_torch(tmp_path, demo_config):
     out = run_without_torch(
         f"""
         import dlrm_serve.config, dlrm_serve.io.features, dlrm_serve.io.codecs, dlrm_serve.serve.serving
-        import dlrm_serve.client, dlrm_serve.client.commands
+        import dlrm_serve.client, dlrm_serve.cli.client
         # The rest of the "no torch" column of the README's module table.
         import dlrm_serve.runtime.backends, dlrm_serve.runtime.onnx_backend, dlrm_serve.runtime.export, dlrm_serve.runtime.memory
         import dlrm_serve.testing.launcher, dlrm_serve.client.protos, dlrm_serve.testing.procmem, dlrm_serve.serve.packaging

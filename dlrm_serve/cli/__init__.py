@@ -1,9 +1,13 @@
 """The ``dlrm-serve`` command line.
 
 Each subcommand is registered by one ``_add_*`` function below and runs a
-library function; nothing here holds logic of its own.  Errors of the
+library function, or a ``*_command(args)`` of this package's modules (one per
+area: :mod:`~dlrm_serve.cli.train`, :mod:`~dlrm_serve.cli.score`,
+:mod:`~dlrm_serve.cli.explain`, :mod:`~dlrm_serve.cli.client`); library
+modules hold no argparse code.  Errors of the
 :class:`~dlrm_serve.errors.DLRMServeError` family print their message and
-exit 2, without a traceback.
+exit 2, without a traceback; any other exception is a bug and keeps its
+traceback.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import argparse
 import sys
 from typing import Callable
 
-from dlrm_serve.errors import DLRMServeError
+from dlrm_serve.errors import DLRMServeError, InvalidInput
 
 __all__ = ["main", "build_parser"]
 
@@ -37,7 +41,7 @@ def _add_train(sub) -> None:
     p.add_argument("--data-dir", default="data", help="where synthetic data is written (default: data)")
 
     def run(args):
-        from dlrm_serve.offline.train import train_command
+        from dlrm_serve.cli.train import train_command
 
         train_command(args)
 
@@ -65,7 +69,11 @@ def _add_score(sub) -> None:
     from dlrm_serve.runtime.backends import PRECISIONS  # numpy-only at import
 
     p = sub.add_parser("score", help="score a Criteo TSV or JSON-lines file offline, one probability per line")
-    p.add_argument("input", help="Criteo TSV (labelled or not, .gz ok) or JSON lines of instances")
+    p.add_argument(
+        "input", nargs="+",
+        help="Criteo TSV (labelled or not, .gz ok) or JSON lines of instances; with --engine ray also "
+        "Parquet (I1.., C1.., optional label), several files, folders or globs",
+    )
     p.add_argument("--artifacts", default="artifacts")
     p.add_argument("--out", required=True, help="output file, one probability per line")
     p.add_argument("--backend", default="torch", help="torch or onnxruntime")
@@ -75,10 +83,25 @@ def _add_score(sub) -> None:
         "(AMX or AVX512-BF16), else fp32; onnxruntime runs fp32",
     )
     p.add_argument("--batch-rows", type=int, default=4096)
+    ray = p.add_argument_group("--engine ray (docs/scale.md)")
+    ray.add_argument("--engine", choices=("local", "ray"), default="local", help="local: this process; ray: Ray Data actors")
+    ray.add_argument("--address", help="an existing Ray cluster (ray://... or host:port); default: start a local one")
+    ray.add_argument("--actors", type=int, help="actors, each with the model loaded once (default: cluster CPUs / --threads)")
+    ray.add_argument("--threads", type=int, default=1, help="torch threads (and Ray CPUs) per actor")
+    ray.add_argument("--unit-rows", type=int, default=65536, help="rows per Ray task (a retry redoes one task)")
+    ray.add_argument("--on-error", choices=("fail", "skip"), default="fail", help="skip: a bad row is written as NaN and counted")
+    ray.add_argument("--keep-columns", help="comma-separated input columns copied to a Parquet OUT folder")
 
     def run(args):
-        from dlrm_serve.offline.score import score_command
+        if args.engine == "ray":
+            from dlrm_serve.cli.ray_score import ray_score_command
 
+            return ray_score_command(args)
+        from dlrm_serve.cli.score import score_command
+
+        if len(args.input) != 1:
+            raise InvalidInput("score without --engine ray takes one input file")
+        args.input = args.input[0]
         score_command(args)
 
     p.set_defaults(func=run)
@@ -168,12 +191,12 @@ def _add_predict(sub) -> None:
         "predict", help="stream a Criteo TSV or JSON-lines file through a running server, one probability per line"
     )
 
-    from dlrm_serve.client.commands import add_predict_options
+    from dlrm_serve.cli.client import add_predict_options
 
     add_predict_options(p)
 
     def run(args):
-        from dlrm_serve.client.commands import predict_command
+        from dlrm_serve.cli.client import predict_command
 
         predict_command(args)
 
@@ -183,12 +206,12 @@ def _add_predict(sub) -> None:
 def _add_models(sub) -> None:
     p = sub.add_parser("models", help="manage the server's models: ping, list, describe, register, scale, set-default, unregister")
 
-    from dlrm_serve.client.commands import add_models_subcommands
+    from dlrm_serve.cli.client import add_models_subcommands
 
     add_models_subcommands(p)
 
     def run(args):
-        from dlrm_serve.client.commands import models_command
+        from dlrm_serve.cli.client import models_command
 
         models_command(args)
 
@@ -255,7 +278,11 @@ def _add_explain(sub) -> None:
     p = sub.add_parser(
         "explain", help="explain predictions offline: per-feature attributions (JSON lines), or --global N: a ranking and chart"
     )
-    p.add_argument("input", help="Criteo TSV (labelled or not, .gz ok) or JSON lines of instances")
+    p.add_argument(
+        "input", nargs="+",
+        help="Criteo TSV (labelled or not, .gz ok) or JSON lines of instances; with --engine ray also "
+        "Parquet (I1.., C1.., optional label), several files, folders or globs",
+    )
     p.add_argument("--artifacts", default="artifacts")
     p.add_argument("--out", required=True, help="JSON lines, one explanation per row; with --global, a markdown table")
     p.add_argument(
@@ -268,7 +295,7 @@ def _add_explain(sub) -> None:
     p.add_argument("--chart", default=None, help="the bar chart PNG of --global (default: --out with .png)")
 
     def run(args):
-        from dlrm_serve.offline.explain_tools import explain_command
+        from dlrm_serve.cli.explain import explain_command
 
         explain_command(args)
 
@@ -284,15 +311,62 @@ def _add_baseline(sub) -> None:
     p.add_argument("--rows", type=int, default=None, help="use only the first N rows")
 
     def run(args):
-        from dlrm_serve.offline.explain_tools import baseline_command
+        from dlrm_serve.cli.explain import baseline_command
 
         baseline_command(args)
 
     p.set_defaults(func=run)
 
 
+def _add_loadgen(sub) -> None:
+    p = sub.add_parser(
+        "loadgen", help="measure serving with MLPerf LoadGen (Offline / Server; in process, REST or gRPC); docs/loadgen.md"
+    )
+    p.add_argument("--scenario", choices=["offline", "server"], required=True)
+    p.add_argument("--sut", choices=["inprocess", "rest", "grpc"], required=True, help="what answers: this process, or TorchServe")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--artifacts", default=None, help="artifacts folder (needed for --sut inprocess)")
+    src.add_argument("--config", default=None, help="the served model's artifacts folder or dlrm.json (rest/grpc)")
+    p.add_argument("--model", default="dlrm", help="served model name (default: dlrm)")
+    p.add_argument("--target-qps", type=float, default=None, help="Server: arrival rate; Offline: expected QPS (default: measured first)")
+    p.add_argument("--latency-ms", type=float, default=60.0, help="Server p99 bound (default: 60, MLPerf's DLRMv2 bound)")
+    p.add_argument(
+        "--duration-ms", type=int, default=None,
+        help="minimum duration per test (default: 3000, a smoke run; 600000 = MLPerf's own runs and query counts)",
+    )
+    p.add_argument("--accuracy", action="store_true", help="accuracy mode: every sample once, AUC from LoadGen's accuracy log")
+    p.add_argument("--find-peak", action="store_true", help="Server: search the highest target QPS that is VALID")
+    p.add_argument("--out", required=True, help="folder for LoadGen's logs and loadgen_result.json")
+    g = p.add_argument_group("data and server (optional)")
+    g.add_argument("--data", default=None, help="labelled Criteo TSV to cut users from (default: planted synthetic rows)")
+    g.add_argument("--samples", type=int, default=1024, help="users in the query set (default: 1024)")
+    g.add_argument("--host", default="127.0.0.1")
+    g.add_argument("--grpc-port", type=int, default=7070)
+    g.add_argument("--http-port", type=int, default=8080)
+    g.add_argument("--management-port", type=int, default=8081, help="REST management port, to renew tokens")
+    g.add_argument("--key-file", default=None, help="TorchServe's key_file.json (default: $DLRM_SERVE_KEY_FILE or ./key_file.json)")
+    g.add_argument("--concurrency", type=int, default=16, help="requests in flight (rest/grpc, default: 16)")
+    g.add_argument("--no-progress", action="store_true")
+
+    def run(args):
+        from dlrm_serve.loadgen.runner import run_loadgen
+
+        connection = dict(host=args.host, grpc_port=args.grpc_port, http_port=args.http_port,
+                          management_port=args.management_port, key_file=args.key_file)
+        result = run_loadgen(
+            args.scenario, args.sut, args.out, artifacts=args.artifacts, config=args.config, model=args.model,
+            target_qps=args.target_qps, latency_ms=args.latency_ms, duration_ms=args.duration_ms,
+            accuracy=args.accuracy, find_peak_qps=args.find_peak, data=args.data, samples=args.samples,
+            connection=connection, concurrency=args.concurrency, progress=not args.no_progress,
+        )
+        if not (result["valid"] or result["mode"] == "accuracy") or result["errors"]:
+            raise SystemExit(1)
+
+    p.set_defaults(func=run)
+
+
 # Subcommands of later features register here, one function each.
-REGISTRY: list[Callable] = [_add_train, _add_generate, _add_score, _add_import, _add_check, _add_init, _add_quantize, _add_predict, _add_models, _add_export_onnx, _add_kserve, _add_explain, _add_baseline]
+REGISTRY: list[Callable] = [_add_train, _add_generate, _add_score, _add_import, _add_check, _add_init, _add_quantize, _add_predict, _add_models, _add_export_onnx, _add_kserve, _add_explain, _add_baseline, _add_loadgen]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -310,13 +384,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.func(args)
     except DLRMServeError as e:
+        # The family is what the library reports as a user's mistake (or a missing
+        # tool); anything else is a bug and keeps its traceback.
         print(f"dlrm-serve {args.command}: {e.message}", file=sys.stderr)
         return 2
-    except ValueError as e:
-        # Library functions raise ValueError naming the bad value: a user error.
-        print(f"dlrm-serve {args.command}: {e}", file=sys.stderr)
-        return 2
     except (FileNotFoundError, IsADirectoryError) as e:
+        # A path the user named that is not there (open() reports it, not the family).
         print(f"dlrm-serve {args.command}: {e}", file=sys.stderr)
         return 2
     return 0

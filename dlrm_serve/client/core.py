@@ -39,7 +39,7 @@ import numpy as np
 
 from dlrm_serve.artifacts import load_config
 from dlrm_serve.config import DLRMConfig
-from dlrm_serve.errors import AuthError, DLRMServeError, InvalidInput, ServerError
+from dlrm_serve.errors import AuthError, DLRMServeError, InvalidInput, ServerError, UsageError
 from dlrm_serve.runtime.explain import EXPLAIN_MAX_ROWS
 from dlrm_serve.io.features import FeatureEncoder
 from dlrm_serve.client import payloads
@@ -167,20 +167,20 @@ class Client:
         fetch_token: Callable[..., dict | None] = fetch_token,
     ):
         if not isinstance(rows_per_request, int) or isinstance(rows_per_request, bool) or rows_per_request <= 0:
-            raise ValueError(f"rows_per_request must be a positive integer, got {rows_per_request!r}")
+            raise UsageError(f"rows_per_request must be a positive integer, got {rows_per_request!r}")
         if not isinstance(concurrency, int) or isinstance(concurrency, bool) or concurrency <= 0:
-            raise ValueError(f"concurrency must be a positive integer, got {concurrency!r}")
+            raise UsageError(f"concurrency must be a positive integer, got {concurrency!r}")
         if not isinstance(retries, int) or retries < 0:
-            raise ValueError(f"retries must be an integer >= 0, got {retries!r}")
+            raise UsageError(f"retries must be an integer >= 0, got {retries!r}")
         if payload is not None and payload not in payloads.FORMATS:
-            raise ValueError(f"payload must be one of {payloads.FORMATS} or None, got {payload!r}")
+            raise UsageError(f"payload must be one of {payloads.FORMATS} or None, got {payload!r}")
         self.transport = transport
         self.model = model
         self.version = version
         self.config = config if config is None or isinstance(config, DLRMConfig) else load_config(config)
         self.encoder = FeatureEncoder(self.config) if self.config is not None else None
         if payload == "binary" and self.config is None:
-            raise ValueError("the binary payload needs the model's config (config= or --config: a DLRMConfig, an artifacts folder or a dlrm.json)")
+            raise UsageError("the binary payload needs the model's config (config= or --config: a DLRMConfig, an artifacts folder or a dlrm.json)")
         self.payload = payload
         self.rows_per_request = rows_per_request
         self.concurrency = concurrency
@@ -189,9 +189,9 @@ class Client:
         self.max_backoff_s = max_backoff_s
         for name, v in (("timeout_floor_s", timeout_floor_s), ("timeout_per_row_s", timeout_per_row_s)):
             if not isinstance(v, (int, float)) or v < 0:
-                raise ValueError(f"{name} must be a number >= 0, got {v!r}")
+                raise UsageError(f"{name} must be a number >= 0, got {v!r}")
         if timeout_s is not None and (not isinstance(timeout_s, (int, float)) or timeout_s <= 0):
-            raise ValueError(f"timeout_s must be a positive number or None, got {timeout_s!r}")
+            raise UsageError(f"timeout_s must be a positive number or None, got {timeout_s!r}")
         self.timeout_s = timeout_s
         self.timeout_floor_s = float(timeout_floor_s)
         self.timeout_per_row_s = float(timeout_per_row_s)
@@ -349,17 +349,17 @@ class Client:
         """
         if rows is None:
             if dense is None or sparse is None:
-                raise ValueError("predict needs rows, or both dense= and sparse=")
+                raise UsageError("predict needs rows, or both dense= and sparse=")
             rows = (dense, sparse)
         elif dense is not None or sparse is not None:
-            raise ValueError("pass either rows or dense=/sparse=, not both")
+            raise UsageError("pass either rows or dense=/sparse=, not both")
         kind = payloads.rows_kind(rows)
         n = payloads.count_rows(rows, kind)
         if n == 0:
             return np.zeros(0, dtype=np.float32)
         fmt = payload or self._format(kind)
         if fmt == "binary" and self.encoder is None:
-            raise ValueError("the binary payload needs the model's config (config= or --config)")
+            raise UsageError("the binary payload needs the model's config (config= or --config)")
         step = self.rows_per_request
         starts = range(0, n, step)
         chunks = ((s, payloads.slice_rows(rows, kind, s, min(n, s + step))) for s in starts)
@@ -430,7 +430,7 @@ class Client:
         """Every registered model (``modelName``, ``modelUrl``), all pages."""
         if limit <= 0:
             # TorchServe's gRPC ListModels lists nothing with limit 0.
-            raise ValueError(f"limit must be positive, got {limit}")
+            raise UsageError(f"limit must be positive, got {limit}")
         out: list[dict] = []
         token: int | None = None
         seen = set()
@@ -583,7 +583,7 @@ def connect(
             pool_size=max(4, int(options.get("concurrency", DEFAULT_CONCURRENCY)) * 2),
         )
     else:
-        raise ValueError(f"transport must be 'grpc' or 'rest', got {transport!r}")
+        raise UsageError(f"transport must be 'grpc' or 'rest', got {transport!r}")
     try:
         return Client(t, keys=keys, token_url=management_url, **options)
     except Exception:

@@ -25,7 +25,7 @@ import numpy as np
 
 from dlrm_serve.io.codecs import encode_binary
 from dlrm_serve.io.data import at_line, check_files, detect_format, format_probabilities, open_text, read_criteo
-from dlrm_serve.errors import DLRMServeError, InvalidInput
+from dlrm_serve.errors import DLRMServeError, InvalidInput, UsageError
 from dlrm_serve.client import payloads
 from dlrm_serve.client.core import Client
 from dlrm_serve.client.payloads import Payload
@@ -152,9 +152,9 @@ def predict_file(
     kind = detect_format(path)
     fmt = payload or client.payload or payloads.default_format("instances" if kind == "json" else "lines", client.config)
     if fmt == "binary" and client.encoder is None:
-        raise ValueError("the binary payload needs the model's config: pass --config ARTIFACTS_DIR (or dlrm.json)")
+        raise UsageError("the binary payload needs the model's config: pass --config ARTIFACTS_DIR (or dlrm.json)")
     if fmt == "tsv" and kind == "json":
-        raise ValueError("a JSON-lines file cannot be sent as tsv; use --payload json or binary")
+        raise UsageError("a JSON-lines file cannot be sent as tsv; use --payload json or binary")
     jobs, where = _jobs(client, path, kind, fmt)
 
     def on_error(index: int, err: DLRMServeError) -> DLRMServeError:

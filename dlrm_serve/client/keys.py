@@ -35,7 +35,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Mapping
 
-from dlrm_serve.errors import AuthError
+from dlrm_serve.errors import AuthError, UsageError
 
 __all__ = ["KINDS", "ENV_KEYS", "ENV_KEY_FILE", "RENEW_FRACTION", "Token", "Keys", "parse_expiration", "read_key_file"]
 
@@ -162,7 +162,7 @@ class Keys:
 
     def token(self, kind: str) -> Token | None:
         if kind not in KINDS:
-            raise ValueError(f"key kind must be one of {KINDS}, got {kind!r}")
+            raise UsageError(f"key kind must be one of {KINDS}, got {kind!r}")
         with self._lock:
             return self._fixed.get(kind) or self._from_file.get(kind)
 

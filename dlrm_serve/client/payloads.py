@@ -22,9 +22,11 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from dlrm_serve.io.replies import decode_predictions, is_binary_reply
+
 from dlrm_serve.io.codecs import BINARY_CONTENT_TYPE, JSON_CONTENT_TYPE, TSV_CONTENT_TYPE, encode_binary, split_tsv
 from dlrm_serve.config import CRITEO_DENSE, CRITEO_SPARSE, DLRMConfig
-from dlrm_serve.errors import AuthError, DLRMServeError, InvalidInput, ServerError
+from dlrm_serve.errors import AuthError, DLRMServeError, InvalidInput, ServerError, UsageError
 from dlrm_serve.io.features import FeatureEncoder, RawBatch
 
 __all__ = [
@@ -65,23 +67,23 @@ def rows_kind(rows: Any) -> str:
         if not isinstance(rows[0], (str, dict)):
             return "arrays"
     if isinstance(rows, (str, bytes, dict)):
-        raise ValueError(
+        raise UsageError(
             f"rows must be a list of instances (dicts), of Criteo lines (str) or a (dense, sparse) "
             f"pair of arrays, got a single {type(rows).__name__}; wrap one row in a list"
         )
     if isinstance(rows, np.ndarray):
-        raise ValueError("pass arrays as a (dense, sparse) pair, not one array")
+        raise UsageError("pass arrays as a (dense, sparse) pair, not one array")
     try:
         first = rows[0]
     except (TypeError, KeyError):
-        raise ValueError(f"rows must be a list (or a (dense, sparse) pair), got {type(rows).__name__}") from None
+        raise UsageError(f"rows must be a list (or a (dense, sparse) pair), got {type(rows).__name__}") from None
     except IndexError:
-        raise ValueError("rows is empty: there is nothing to predict") from None
+        raise UsageError("rows is empty: there is nothing to predict") from None
     if isinstance(first, dict):
         return "instances"
     if isinstance(first, str):
         return "lines"
-    raise ValueError(
+    raise UsageError(
         f"rows must hold dicts (instances) or str (Criteo lines), got {type(first).__name__} first"
     )
 
@@ -90,7 +92,7 @@ def count_rows(rows: Any, kind: str) -> int:
     if kind == "arrays":
         dense, sparse = rows
         if len(dense) != len(sparse):
-            raise ValueError(f"dense has {len(dense)} rows but sparse has {len(sparse)}")
+            raise UsageError(f"dense has {len(dense)} rows but sparse has {len(sparse)}")
         return len(dense)
     return len(rows)
 
@@ -120,13 +122,13 @@ def encode_rows(
     formats leave validation to the server.
     """
     if fmt not in FORMATS:
-        raise ValueError(f"payload format must be one of {FORMATS}, got {fmt!r}")
+        raise UsageError(f"payload format must be one of {FORMATS}, got {fmt!r}")
     n = count_rows(rows, kind)
     if n == 0:
-        raise ValueError("a request needs at least one row")
+        raise UsageError("a request needs at least one row")
     if fmt == "binary":
         if encoder is None:
-            raise ValueError(
+            raise UsageError(
                 "the binary format needs the model's config (pass config=DLRMConfig, an artifacts "
                 "folder or a dlrm.json); or use payload='json' / 'tsv'"
             )
@@ -138,7 +140,7 @@ def encode_rows(
     if fmt == "json":
         return Payload(_json_body(rows, kind, encoder), "json", n)
     if kind != "lines":
-        raise ValueError(
+        raise UsageError(
             "the tsv format carries Criteo lines; send instances or arrays as json or binary"
         )
     text = "\n".join(line.rstrip("\r\n") for line in rows) + "\n"
@@ -277,6 +279,14 @@ def parse_predictions(body: bytes, rows: int | None) -> np.ndarray:
     An error body with a success status (gRPC drops per-request status codes,
     so a 400 arrives as an OK answer) raises the same error REST would.
     """
+    if is_binary_reply(body):  # asked for with Accept: application/x-dlrm (gRPC: the input "accept")
+        try:
+            values = decode_predictions(body)
+        except ValueError as e:
+            raise ServerError(str(e)) from None
+        if rows is not None and values.shape[0] != rows:
+            raise ServerError(f"sent {rows} rows but the server answered {values.shape[0]} predictions")
+        return values
     obj = _json_answer(body)
     preds = obj.get("predictions") if isinstance(obj, dict) else None
     if not isinstance(preds, list):

@@ -52,7 +52,7 @@ import zipfile
 from importlib import metadata
 from pathlib import Path
 
-from dlrm_serve.errors import DLRMServeError
+from dlrm_serve.errors import DLRMServeError, ToolchainError
 
 __all__ = [
     "PROTO_MEMBERS",
@@ -105,7 +105,7 @@ def find_jar() -> Path:
     """``model-server.jar`` of the installed torchserve, without importing it."""
     spec = importlib.util.find_spec("ts")
     if spec is None or not spec.submodule_search_locations:
-        raise DLRMServeError(
+        raise ToolchainError(
             "torchserve is not installed, and the gRPC stubs are generated from its "
             "protocol files: pip install torchserve==0.12.0 (make setup does this)"
         )
@@ -113,7 +113,7 @@ def find_jar() -> Path:
         jar = Path(root) / "frontend" / "model-server.jar"
         if jar.is_file():
             return jar
-    raise DLRMServeError(
+    raise ToolchainError(
         f"torchserve is installed at {list(spec.submodule_search_locations)} but has no "
         "frontend/model-server.jar; reinstall torchserve"
     )
@@ -128,13 +128,13 @@ def read_protos(jar: str | os.PathLike | None = None) -> dict[str, bytes]:
             names = set(zf.namelist())
             for key, member in PROTO_MEMBERS.items():
                 if member not in names:
-                    raise DLRMServeError(
+                    raise ToolchainError(
                         f"{jar} holds no {member}; this torchserve does not ship the gRPC "
                         "protocol files dlrm-serve expects (it was written against 0.12.0)"
                     )
                 out[key] = zf.read(member)
     except zipfile.BadZipFile as e:
-        raise DLRMServeError(f"{jar} is not a readable jar: {e}") from None
+        raise ToolchainError(f"{jar} is not a readable jar: {e}") from None
     return out
 
 
@@ -171,14 +171,14 @@ def _protoc(args: list[str]) -> None:
     try:
         from grpc_tools import protoc
     except ImportError:
-        raise DLRMServeError(
+        raise ToolchainError(
             "grpcio-tools is not installed, and it generates the gRPC stubs: "
             "pip install grpcio-tools (make setup does this)"
         ) from None
     include = str(importlib.resources.files("grpc_tools") / "_proto")
     code = protoc.main(["grpc_tools.protoc", f"-I{include}", *args])
     if code != 0:
-        raise DLRMServeError(f"protoc failed with exit code {code} on {args[-3:]}")
+        raise ToolchainError(f"protoc failed with exit code {code} on {args[-3:]}")
 
 
 def generate(out_dir: str | os.PathLike | None = None, jar: str | os.PathLike | None = None) -> Path:
@@ -257,7 +257,7 @@ def _ensure(folder: Path | None = None) -> Path:
     for cand in candidates:
         if _writable(cand):
             return generate(cand, jar)
-    raise DLRMServeError(
+    raise ToolchainError(
         f"cannot write the gRPC stubs to any of {[str(c) for c in candidates]}; "
         "set DLRM_SERVE_PROTO_DIR to a writable folder"
     )

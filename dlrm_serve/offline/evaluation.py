@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from dlrm_serve.errors import InvalidInput
+
 __all__ = ["roc_auc", "log_loss", "average_ranks"]
 
 
@@ -20,18 +22,18 @@ def _labels_and_scores(labels, scores) -> tuple[np.ndarray, np.ndarray]:
     y = np.asarray(labels)
     s = np.asarray(scores, dtype=np.float64)
     if y.ndim != 1 or s.ndim != 1:
-        raise ValueError(f"labels and scores must be 1-d, got shapes {list(y.shape)} and {list(s.shape)}")
+        raise InvalidInput(f"labels and scores must be 1-d, got shapes {list(y.shape)} and {list(s.shape)}")
     if y.shape[0] != s.shape[0]:
-        raise ValueError(f"got {y.shape[0]} labels but {s.shape[0]} scores")
+        raise InvalidInput(f"got {y.shape[0]} labels but {s.shape[0]} scores")
     if y.shape[0] == 0:
-        raise ValueError("no rows to evaluate")
+        raise InvalidInput("no rows to evaluate")
     if y.dtype == np.bool_:
         y = y.astype(np.int8)
     bad = (y != 0) & (y != 1)
     if bad.any():
-        raise ValueError(f"labels must be 0 or 1, got {y[int(np.argmax(bad))]!r}")
+        raise InvalidInput(f"labels must be 0 or 1, got {y[int(np.argmax(bad))]!r}")
     if np.isnan(s).any():
-        raise ValueError(f"score at position {int(np.argmax(np.isnan(s)))} is NaN")
+        raise InvalidInput(f"score at position {int(np.argmax(np.isnan(s)))} is NaN")
     return y.astype(np.int8), s
 
 
@@ -60,7 +62,7 @@ def roc_auc(labels, scores) -> float:
     pos = int(y.sum())
     neg = y.shape[0] - pos
     if pos == 0 or neg == 0:
-        raise ValueError(
+        raise InvalidInput(
             f"AUC needs both classes; got {pos} positives and {neg} negatives"
         )
     rank_sum = float(average_ranks(s)[y == 1].sum())
@@ -72,6 +74,6 @@ def log_loss(labels, probabilities, eps: float = 1e-7) -> float:
     y, p = _labels_and_scores(labels, probabilities)
     if ((p < 0) | (p > 1)).any():
         k = int(np.argmax((p < 0) | (p > 1)))
-        raise ValueError(f"probability at position {k} is {p[k]!r}, outside [0, 1]")
+        raise InvalidInput(f"probability at position {k} is {p[k]!r}, outside [0, 1]")
     p = np.clip(p, eps, 1.0 - eps)
     return float(-np.mean(np.where(y == 1, np.log(p), np.log1p(-p))))

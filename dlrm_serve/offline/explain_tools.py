@@ -7,7 +7,6 @@ live apart so TorchServe archives ship only what a worker runs.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from dlrm_serve.errors import InvalidInput
 from dlrm_serve.runtime.explain import DEFAULT_METHOD, EXPLAIN_MAX_ROWS, BaselineAccumulator, Explainer, explainer_for, parse_method
 
 __all__ = [
@@ -22,9 +22,7 @@ __all__ = [
     "importance_table",
     "importance_chart",
     "explain_file",
-    "explain_command",
     "write_baseline",
-    "baseline_command",
     "spearman",
     "planted_effects",
     "planted_rows",
@@ -38,7 +36,7 @@ logger = logging.getLogger(__name__)
 def global_importance(explanations: Sequence[dict]) -> list[tuple[str, float]]:
     """``(feature, mean |attribution|)`` over ``explanations``, largest first."""
     if not explanations:
-        raise ValueError("no explanations to summarise")
+        raise InvalidInput("no explanations to summarise")
     names = list(explanations[0]["attributions"])
     values = np.array([[e["attributions"][n] for n in names] for e in explanations], dtype=np.float64)
     mean = np.abs(values).mean(axis=0)
@@ -128,40 +126,6 @@ def write_baseline(artifacts: str | os.PathLike, data_path: str | os.PathLike, r
     kept = {k: v for k, v in load_weights(artifacts).items() if k.startswith("explain.") and k not in extra}
     save_artifacts(model, artifacts, extra={**kept, **extra})
     return acc.rows
-
-
-def baseline_command(args) -> None:
-    """``dlrm-serve baseline``: store the explanation baseline of a data file in the artifacts."""
-    n = write_baseline(args.artifacts, args.data, args.rows)
-    print(f"stored the explanation baseline of {n} rows in {args.artifacts} (re-export ONNX graphs if any: "
-          "`dlrm-serve export-onnx --if-needed`)")
-
-
-def explain_command(args) -> None:
-    """``dlrm-serve explain``: JSON lines of explanations, or with ``--global N`` a table and chart."""
-    out = Path(args.out)
-    if args.global_rows is not None:
-        if args.global_rows <= 0:
-            raise ValueError(f"--global needs a positive row count, got {args.global_rows}")
-        explanations = list(explain_file(args.artifacts, args.input, method=args.method, limit=args.global_rows))
-        method = parse_method(args.method)
-        importance = global_importance(explanations)
-        out.write_text(importance_table(importance, len(explanations), method), encoding="utf-8")
-        chart = Path(args.chart) if args.chart else out.with_suffix(".png")
-        importance_chart(importance, chart, f"{len(explanations)} rows, {method}")
-        print(f"wrote the mean |attribution| of {len(explanations)} rows to {out} and {chart}")
-        return
-    tmp = out.with_name(out.name + ".part")
-    rows = 0
-    try:
-        with open(tmp, "w", encoding="utf-8", newline="\n") as fh:
-            for e in explain_file(args.artifacts, args.input, method=args.method):
-                fh.write(json.dumps(e, separators=(",", ":")) + "\n")
-                rows += 1
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
-    print(f"wrote {rows} explanations to {out}")
 
 
 # ----- validation against a planted model ----------------------------------------------

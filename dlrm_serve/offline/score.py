@@ -22,11 +22,11 @@ from typing import Iterator
 
 from dlrm_serve.runtime.backends import load_backend
 from dlrm_serve.io.data import CHUNK_ROWS, check_files, detect_format, encode_chunk, format_probabilities, locate, open_text, read_criteo
-from dlrm_serve.errors import InvalidInput
+from dlrm_serve.errors import InvalidInput, UsageError
 from dlrm_serve.io.features import FeatureBatch, FeatureEncoder
 
 # detect_format and format_probabilities live in dlrm_serve.io.data (shared with `dlrm-serve predict`).
-__all__ = ["detect_format", "iter_batches", "format_probabilities", "score_file", "score_command"]
+__all__ = ["detect_format", "iter_batches", "format_probabilities", "score_file"]
 
 
 def _json_batches(path: str, encoder: FeatureEncoder, batch_rows: int) -> Iterator[FeatureBatch]:
@@ -66,7 +66,7 @@ def iter_batches(
 ) -> Iterator[FeatureBatch]:
     """Model inputs of the rows of ``path``, ``batch_rows`` at a time, in order."""
     if batch_rows <= 0:
-        raise ValueError(f"batch_rows must be positive, got {batch_rows}")
+        raise UsageError(f"batch_rows must be positive, got {batch_rows}")
     path = check_files([path], "input")[0]
     fmt = fmt or detect_format(path)
     if fmt == "json":
@@ -76,7 +76,7 @@ def iter_batches(
         for chunk in read_criteo([path], cfg.num_dense, cfg.num_sparse, chunk_rows=batch_rows):
             yield encode_chunk(encoder, chunk)
     else:
-        raise ValueError(f"unknown input format {fmt!r}; use 'json' or 'tsv'")
+        raise UsageError(f"unknown input format {fmt!r}; use 'json' or 'tsv'")
 
 
 def score_file(
@@ -114,12 +114,3 @@ def score_file(
     finally:
         tmp.unlink(missing_ok=True)
     return rows
-
-
-def score_command(args) -> None:
-    """``dlrm-serve score``: the CLI flags as a :func:`score_file` call."""
-    rows = score_file(
-        args.artifacts, args.input, args.out, backend=args.backend, precision=args.precision,
-        batch_rows=args.batch_rows,
-    )
-    print(f"wrote {rows} probabilities to {args.out}")

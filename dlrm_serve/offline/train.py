@@ -57,7 +57,6 @@ __all__ = [
     "train_step",
     "synthetic_data",
     "train",
-    "train_command",
 ]
 
 DEFAULT_ROWS = 1_500_000
@@ -524,21 +523,3 @@ def _fit(
     model.sparse_arch.sparse_grad = False
     model.eval()
     return model, history, oracle_metrics, labels
-
-
-def train_command(args) -> None:
-    """``dlrm-serve train``: the CLI flags as :class:`TrainOptions`."""
-    options = TrainOptions(
-        out=args.out,
-        data=args.data or None,
-        test_data=args.test_data or None,
-        preset=args.preset,
-        config=args.config,
-        seed=args.seed,
-        data_dir=args.data_dir,
-    )
-    for name in ("epochs", "batch_size", "lr", "table_lr", "rows", "threads"):
-        value = getattr(args, name, None)
-        if value is not None:
-            setattr(options, name, value)
-    train(options)

@@ -43,7 +43,7 @@ from typing import Any
 
 import numpy as np
 
-from dlrm_serve.errors import DLRMServeError, InvalidInput
+from dlrm_serve.errors import InvalidInput, Unsupported
 
 __all__ = [
     "METHODS",
@@ -124,7 +124,7 @@ class BaselineAccumulator:
         import torch
 
         if self.rows == 0:
-            raise ValueError("no rows were added: the baseline is a mean over training rows")
+            raise InvalidInput("no rows were added: the baseline is a mean over training rows")
         cfg = self.config
         ids = np.nonzero(self.counts)[0]
         table = np.searchsorted(np.asarray(cfg.table_offsets[1:], dtype=np.int64), ids, side="right")
@@ -163,11 +163,10 @@ class Explainer:
     def __init__(self, backend, n_steps: int = N_STEPS, max_rows: int = EXPLAIN_MAX_ROWS):
         model = getattr(backend, "model", None)
         if model is None or not hasattr(model, "head"):
-            raise DLRMServeError(
+            raise Unsupported(
                 f"the {getattr(backend, 'name', type(backend).__name__)} backend cannot explain: explanations "
                 "need the torch model's gradients; send them to an archive built with "
-                "`./build_mar.sh --backend torch` (the default dlrm.mar, model name dlrm)",
-                status=400,
+                "`./build_mar.sh --backend torch` (the default dlrm.mar, model name dlrm)"
             )
         import torch
 

@@ -37,7 +37,7 @@ from typing import Any
 
 from dlrm_serve.runtime.backends import load_backend
 from dlrm_serve.io.codecs import MAX_ROWS, decode_request, predictions_body
-from dlrm_serve.errors import DLRMServeError
+from dlrm_serve.errors import DLRMServeError, NotReady, ToolchainError
 from dlrm_serve.io.features import FeatureEncoder
 
 __all__ = ["DLRMModel", "serve", "main_args"]
@@ -53,7 +53,7 @@ def _import_kserve():
         import kserve
         import kserve.model_server  # noqa: F401
     except ImportError:
-        raise DLRMServeError(
+        raise ToolchainError(
             "the KServe predictor needs kserve: pip install 'dlrm-serve[kserve]' (kserve==0.21.0)"
         ) from None
     finally:
@@ -120,7 +120,7 @@ class DLRMModel(kserve.Model):
         if self.backend is None and loading is not None:
             loading.join()
         if self.backend is None:
-            raise DLRMServeError(f"the model could not be loaded from {self.artifacts}", status=503)
+            raise NotReady(f"the model could not be loaded from {self.artifacts}")
 
     def get_input_types(self) -> list:
         self._loaded()

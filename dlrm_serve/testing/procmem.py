@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
+from dlrm_serve.errors import LaunchError
 from dlrm_serve.runtime.memory import file_identity, mapping_header, same_file
 
 __all__ = [
@@ -61,9 +62,9 @@ def rollup(pid: int) -> dict[str, int]:
         with open(path, encoding="ascii") as fh:
             fields = _kib_fields(fh)
     except FileNotFoundError:
-        raise ValueError(f"no process {pid} (or no {path} on this system: it needs Linux 4.14+)") from None
+        raise LaunchError(f"no process {pid} (or no {path} on this system: it needs Linux 4.14+)") from None
     if "Pss" not in fields:
-        raise ValueError(f"{path} has no Pss line; got fields {sorted(fields)}")
+        raise LaunchError(f"{path} has no Pss line; got fields {sorted(fields)}")
     return fields
 
 
@@ -91,7 +92,7 @@ def file_usage(pid: int, path: str | os.PathLike) -> dict[str, int]:
                     for name, value in _kib_fields([line]).items():
                         totals[name] = totals.get(name, 0) + value
     except FileNotFoundError:
-        raise ValueError(f"no process {pid}") from None
+        raise LaunchError(f"no process {pid}") from None
     for name in ("Size", "Rss", "Pss", "Shared_Clean", "Shared_Dirty", "Private_Clean", "Private_Dirty", "Anonymous"):
         totals.setdefault(name, 0)
     return totals
@@ -139,7 +140,7 @@ def process_memory(pid: int, weights: str | os.PathLike | None = None) -> Proces
     try:
         full = psutil.Process(int(pid)).memory_full_info()
     except psutil.NoSuchProcess:
-        raise ValueError(f"no process {pid}") from None
+        raise LaunchError(f"no process {pid}") from None
     r = rollup(pid)
     usage = file_usage(pid, weights) if weights is not None else {"Pss": 0, "Rss": 0, "Size": 0}
     return ProcessMemory(
@@ -170,7 +171,7 @@ def torchserve_workers(pid: int) -> list[int]:
     try:
         children = psutil.Process(int(pid)).children(recursive=True)
     except psutil.NoSuchProcess:
-        raise ValueError(f"no process {pid}") from None
+        raise LaunchError(f"no process {pid}") from None
     out = []
     for child in children:
         try:

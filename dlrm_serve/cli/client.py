@@ -1,7 +1,7 @@
 """``dlrm-serve predict`` and ``dlrm-serve models``: argument sets and the commands.
 
-:mod:`dlrm_serve.cli` registers the subcommands; the options and the work
-live here, next to the client they drive.
+:mod:`dlrm_serve.cli` registers the subcommands; their options and the work
+live here, on top of :mod:`dlrm_serve.client`.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from dlrm_serve.client.core import DEFAULT_CONCURRENCY, DEFAULT_RETRIES, DEFAULT
 from dlrm_serve.client.files import predict_file
 from dlrm_serve.client.payloads import FORMATS
 from dlrm_serve.client.rolling import rolling_update
+from dlrm_serve.errors import UsageError
 
 __all__ = ["add_connection_options", "add_predict_options", "add_models_subcommands", "client_from_args", "predict_command", "models_command"]
 
@@ -206,5 +207,5 @@ def models_command(args: argparse.Namespace) -> None:
         elif action == "unregister":
             result = client.unregister_model(args.name, args.version)
         else:  # argparse only lets the actions above through
-            raise ValueError(f"unknown models action {action!r}")
+            raise UsageError(f"unknown models action {action!r}")
     print(json.dumps(result, indent=2))
