@@ -278,11 +278,7 @@ def _add_explain(sub) -> None:
     p = sub.add_parser(
         "explain", help="explain predictions offline: per-feature attributions (JSON lines), or --global N: a ranking and chart"
     )
-    p.add_argument(
-        "input", nargs="+",
-        help="Criteo TSV (labelled or not, .gz ok) or JSON lines of instances; with --engine ray also "
-        "Parquet (I1.., C1.., optional label), several files, folders or globs",
-    )
+    p.add_argument("input", help="Criteo TSV (labelled or not, .gz ok) or JSON lines of instances")
     p.add_argument("--artifacts", default="artifacts")
     p.add_argument("--out", required=True, help="JSON lines, one explanation per row; with --global, a markdown table")
     p.add_argument(

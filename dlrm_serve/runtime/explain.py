@@ -244,6 +244,10 @@ class Explainer:
                 ref = self.missing_logit
                 # Every element of a group carries the group's whole effect: take one.
                 per_sparse = a_sparse[:, :, 0]
+                # A feature already at its missing value (the 0.0 baseline) changes nothing when
+                # ablated: exactly 0 by construction, not by two forwards happening to round alike.
+                a_dense = torch.where(dense == 0, torch.zeros_like(a_dense), a_dense)
+                per_sparse = torch.where((pooled == 0).all(dim=2), torch.zeros_like(per_sparse), per_sparse)
             else:
                 raise InvalidInput(f"unknown explanation method {method!r}; choose one of {list(METHODS)}")
         attrs = torch.cat([a_dense.detach(), per_sparse.detach()], dim=1).double().numpy()
