@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from dlrm_serve.artifacts import WEIGHTS_FILE, load_model
+from dlrm_serve.errors import LaunchError
 from dlrm_serve.runtime.backends import load_backend
 from dlrm_serve.runtime.memory import PAGE_SIZE, touch_mapped_file, touch_pages, touch_tables
 from dlrm_serve.testing.procmem import file_usage, mapped_file, process_memory, rollup, torchserve_workers
@@ -59,7 +60,7 @@ def test_file_usage_counts_the_pages_read_and_only_those(tmp_path):
         mem = process_memory(os.getpid(), path)
         assert mem.file_pss == full["Pss"] and mem.pss_without_file == mem.pss - full["Pss"]
         assert mapped_file(np.frombuffer(m, dtype=np.uint8).ctypes.data).samefile(path)
-    with pytest.raises(ValueError, match="no process"):
+    with pytest.raises(LaunchError, match="no process"):
         rollup(2**22 + 12345)
 
 

@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 
 from dlrm_serve.config import DLRMConfig
+from dlrm_serve.errors import ArtifactError, Unsupported, UsageError
 
 __all__ = [
     "ONNX_FILE",
@@ -256,7 +257,7 @@ def _check_opset(opset: Any) -> None:
 
     newest = onnx.defs.onnx_opset_version()
     if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= newest:
-        raise ValueError(
+        raise UsageError(
             f"opset must be an integer from {MIN_OPSET} (ScatterND with reduction) to {newest} "
             f"(the newest this onnx knows), got {opset!r}"
         )
@@ -286,7 +287,7 @@ def build_graph(
 
     def tensor_ref(name: str) -> str:
         if name not in tensors:
-            raise ValueError(f"weights lack tensor {name!r} that a {config.name} model needs")
+            raise ArtifactError(f"weights lack tensor {name!r} that a {config.name} model needs")
         if name not in used:
             t = tensors[name]
             proto = t if isinstance(t, TensorProto) else numpy_helper.from_array(np.ascontiguousarray(t), name)
@@ -313,7 +314,7 @@ def build_graph(
         scaled = g.op("Mul", [codes_f, scale], "rows_scaled")
         rows = g.op("Add", [scaled, bias], "rows")
     else:
-        raise ValueError(f"table_dtype {config.table_dtype!r} cannot be exported (float32 or int8)")
+        raise Unsupported(f"table_dtype {config.table_dtype!r} cannot be exported (float32 or int8)")
 
     shape_bfd = g.const("shape_b_f_d", [-1, f, d], np.int64)
     if bags:
@@ -405,7 +406,7 @@ def _external_tensor(name: str, array: np.ndarray, fh, location: str):
         pos += pad
     arr = np.ascontiguousarray(array)
     if arr.dtype.byteorder == ">":
-        raise ValueError(f"tensor {name!r} is big-endian; ONNX stores little-endian data")
+        raise ArtifactError(f"tensor {name!r} is big-endian; ONNX stores little-endian data")
     # Write from the (memory-mapped) array in slices: no full copy in memory.
     flat = arr.reshape(-1).view(np.uint8)
     step = 64 << 20
