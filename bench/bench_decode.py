@@ -31,7 +31,7 @@ from common import machine_line, markdown_table, time_interleaved, write_markdow
 
 from dlrm_serve.io.codecs import decode_json, decode_request, decode_tsv, encode_binary
 from dlrm_serve.config import preset
-from dlrm_serve.io.data import PlantedModel
+from dlrm_serve.io.synthetic import PlantedModel
 from dlrm_serve.io.features import FeatureEncoder
 
 

@@ -131,7 +131,7 @@ def variants_of(artifacts: str, args, quality_only: bool = False) -> dict:
 
 def quality(artifacts: str, test_tsv: str, args) -> list[list]:
     """Per variant: test AUC, log loss and largest |Δp| against fp32 on a trained model's test rows."""
-    from dlrm_serve.io.data import encode_chunk, read_criteo
+    from dlrm_serve.io.criteo import encode_chunk, read_criteo
     from dlrm_serve.offline.evaluation import log_loss, roc_auc
 
     variants = variants_of(artifacts, args, quality_only=True)

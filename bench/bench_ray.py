@@ -22,7 +22,7 @@ import torch
 
 from dlrm_serve.artifacts import save_artifacts
 from dlrm_serve.config import preset
-from dlrm_serve.io.data import generate
+from dlrm_serve.io.synthetic import generate
 from dlrm_serve.model.dlrm import DLRM
 from dlrm_serve.offline._ray_cluster import local_cluster
 from dlrm_serve.offline.ray_score import score_ray

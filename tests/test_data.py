@@ -10,15 +10,8 @@ import pytest
 
 from dlrm_serve import cli
 from dlrm_serve.config import DEMO_TABLE_SIZES, DLRMConfig, preset
-from dlrm_serve.io.data import (
-    PlantedModel,
-    count_rows,
-    encode_chunk,
-    generate,
-    read_criteo,
-    read_oracle,
-    vocab_sizes_for,
-)
+from dlrm_serve.io.criteo import count_rows, encode_chunk, read_criteo
+from dlrm_serve.io.synthetic import PlantedModel, generate, read_oracle, vocab_sizes_for
 from dlrm_serve.errors import InvalidInput
 from dlrm_serve.offline.evaluation import roc_auc
 from dlrm_serve.io.features import FeatureEncoder

@@ -63,7 +63,7 @@ def test_numpy_layers_import_without_torch(tmp_path, demo_config):
         # The rest of the "no torch" column of the README's module table.
         import dlrm_serve.runtime.backends, dlrm_serve.runtime.onnx_backend, dlrm_serve.runtime.export, dlrm_serve.runtime.memory
         import dlrm_serve.testing.launcher, dlrm_serve.client.protos, dlrm_serve.testing.procmem, dlrm_serve.serve.packaging
-        import dlrm_serve.errors, dlrm_serve.cli, dlrm_serve.io.data, dlrm_serve.offline.evaluation, dlrm_serve.offline.score
+        import dlrm_serve.errors, dlrm_serve.cli, dlrm_serve.io.criteo, dlrm_serve.io.synthetic, dlrm_serve.offline.evaluation, dlrm_serve.offline.score
         import dlrm_serve.serve.oip, dlrm_serve.runtime.placement, dlrm_serve.client.rolling
         from dlrm_serve.artifacts import CONFIG_FILE, WEIGHTS_FILE, load_config
         from dlrm_serve.errors import ConfigError

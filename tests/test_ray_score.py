@@ -26,7 +26,8 @@ import pyarrow.parquet as pq  # noqa: E402
 
 from dlrm_serve.artifacts import save_artifacts  # noqa: E402
 from dlrm_serve.config import DLRMConfig  # noqa: E402
-from dlrm_serve.io.data import generate, read_criteo  # noqa: E402
+from dlrm_serve.io.criteo import read_criteo  # noqa: E402
+from dlrm_serve.io.synthetic import generate  # noqa: E402
 from dlrm_serve.model.dlrm import DLRM  # noqa: E402
 from dlrm_serve.offline._ray_cluster import cluster_processes, local_cluster  # noqa: E402
 

@@ -12,7 +12,8 @@ import torch
 from dlrm_serve import cli
 from dlrm_serve.artifacts import load_model, save_artifacts
 from dlrm_serve.config import DLRMConfig
-from dlrm_serve.io.data import generate, read_criteo
+from dlrm_serve.io.criteo import read_criteo
+from dlrm_serve.io.synthetic import generate
 from dlrm_serve.errors import InvalidInput
 from dlrm_serve.io.features import FeatureEncoder
 from dlrm_serve.model.dlrm import DLRM

@@ -13,7 +13,7 @@ import torch
 from dlrm_serve import cli
 from dlrm_serve.artifacts import check_artifacts, load_model, load_weights
 from dlrm_serve.config import DLRMConfig
-from dlrm_serve.io.data import generate
+from dlrm_serve.io.synthetic import generate
 from dlrm_serve.errors import ConfigError, InvalidInput
 from dlrm_serve.offline.evaluation import average_ranks, log_loss, roc_auc
 from dlrm_serve.offline.train import (

@@ -58,7 +58,7 @@ def _add_generate(sub) -> None:
     p.add_argument("--config", default=None, help="a dlrm.json whose feature layout to follow (default: the demo preset)")
 
     def run(args):
-        from dlrm_serve.io.data import generate_command
+        from dlrm_serve.io.synthetic import generate_command
 
         generate_command(args)
 

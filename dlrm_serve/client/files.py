@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from dlrm_serve.io.codecs import encode_binary
-from dlrm_serve.io.data import at_line, check_files, detect_format, format_probabilities, open_text, read_criteo
+from dlrm_serve.io.criteo import at_line, check_files, detect_format, format_probabilities, open_text, read_criteo
 from dlrm_serve.errors import DLRMServeError, InvalidInput, UsageError
 from dlrm_serve.client import payloads
 from dlrm_serve.client.core import Client

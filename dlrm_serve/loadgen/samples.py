@@ -13,7 +13,7 @@ a right-skewed law with mode 185, mean 269.3 (the clip at 700 removes
 run sends the same users.
 
 Each sample's rows are consecutive rows of a labelled Criteo TSV (by
-default synthetic rows of the planted click model, :func:`dlrm_serve.io.data.generate`),
+default synthetic rows of the planted click model, :func:`dlrm_serve.io.synthetic.generate`),
 encoded once, before the run, with the client library's binary encoder, so
 that timing covers serving, not encoding.
 """
@@ -78,7 +78,7 @@ class QuerySet:
 
 def synthetic_data(config: DLRMConfig, rows: int, folder: str | os.PathLike, seed: int = 0) -> Path:
     """A labelled planted-model TSV of ``rows`` rows for ``config`` in ``folder`` (reused when present)."""
-    from dlrm_serve.io.data import generate
+    from dlrm_serve.io.synthetic import generate
 
     path = Path(folder) / f"loadgen-data-{config.num_dense}x{config.num_sparse}-{rows}-seed{seed}.tsv"
     if not path.exists():
@@ -94,7 +94,7 @@ def build_query_set(
     Raises :class:`ValueError` when the file holds fewer rows than the users need.
     """
     from dlrm_serve.client.payloads import encode_rows
-    from dlrm_serve.io.data import read_criteo
+    from dlrm_serve.io.criteo import read_criteo
 
     sizes = sample_sizes(count, seed)
     starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)

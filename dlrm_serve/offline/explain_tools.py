@@ -141,7 +141,7 @@ def spearman(a: Sequence[float], b: Sequence[float]) -> float:
 
 
 def planted_effects(planted, dense: np.ndarray, values: np.ndarray, references: int = 64, seed: int = 0) -> np.ndarray:
-    """Each feature's real effect in a :class:`~dlrm_serve.io.data.PlantedModel`: float64 ``[num_dense + F]``.
+    """Each feature's real effect in a :class:`~dlrm_serve.io.synthetic.PlantedModel`: float64 ``[num_dense + F]``.
 
     The mean over the rows (raw counts ``dense`` with NaN = missing, value
     ranks ``values`` with -1 = missing) of ``|logit(row) - E[logit(row with
@@ -173,7 +173,7 @@ def planted_rows(config, seed: int, rows: int, sample_seed: int = 99) -> tuple:
     synthetic training data of ``config`` and ``seed`` (``dlrm-serve train --seed``), held out by
     construction (drawn from their own random stream)."""
     from dlrm_serve.io.codecs import decode_tsv
-    from dlrm_serve.io.data import PlantedModel, vocab_sizes_for
+    from dlrm_serve.io.synthetic import PlantedModel, vocab_sizes_for
     from dlrm_serve.io.features import FeatureEncoder
 
     planted = PlantedModel(seed, config.num_dense, vocab_sizes_for(config), config.table_sizes)

@@ -32,7 +32,7 @@ import numpy as np
 
 from dlrm_serve.errors import InvalidInput
 from dlrm_serve.io.codecs import split_tsv
-from dlrm_serve.io.data import at_line, count_rows, detect_format, format_probabilities, open_text
+from dlrm_serve.io.criteo import at_line, count_rows, detect_format, format_probabilities, open_text
 
 __all__ = ["expand_inputs", "plan_units", "UnitScorer", "score_ray"]
 

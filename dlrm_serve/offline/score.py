@@ -21,11 +21,11 @@ from typing import Iterator
 
 
 from dlrm_serve.runtime.backends import load_backend
-from dlrm_serve.io.data import CHUNK_ROWS, check_files, detect_format, encode_chunk, format_probabilities, locate, open_text, read_criteo
+from dlrm_serve.io.criteo import CHUNK_ROWS, check_files, detect_format, encode_chunk, format_probabilities, locate, open_text, read_criteo
 from dlrm_serve.errors import InvalidInput, UsageError
 from dlrm_serve.io.features import FeatureBatch, FeatureEncoder
 
-# detect_format and format_probabilities live in dlrm_serve.io.data (shared with `dlrm-serve predict`).
+# detect_format and format_probabilities live in dlrm_serve.io.criteo (shared with `dlrm-serve predict`).
 __all__ = ["detect_format", "iter_batches", "format_probabilities", "score_file"]
 
 

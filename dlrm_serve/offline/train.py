@@ -1,6 +1,6 @@
 """Training a DLRM on Criteo TSV files or on synthetic data from a planted model.
 
-Rows go file -> :func:`~dlrm_serve.io.data.read_criteo` chunks ->
+Rows go file -> :func:`~dlrm_serve.io.criteo.read_criteo` chunks ->
 :class:`~dlrm_serve.io.features.FeatureEncoder` -> :class:`Rows` (dense inputs,
 one table row per categorical field, -1 = missing) -> mini-batches.  Small
 data sets are held in memory and shuffled as a whole; bigger ones are
@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dlrm_serve.io import data as data_mod
+from dlrm_serve.io import criteo, synthetic
 from dlrm_serve.artifacts import METRICS_FILE, load_config
 from dlrm_serve.model.weights import save_artifacts
 from dlrm_serve.config import DLRMConfig, preset
@@ -97,7 +97,7 @@ class TrainOptions:
     seed: int = 0
     data_dir: str = "data"
     threads: int = DEFAULT_THREADS
-    chunk_rows: int = data_mod.CHUNK_ROWS
+    chunk_rows: int = criteo.CHUNK_ROWS
     memory_rows: int = MEMORY_ROWS
     test_fraction: float = 0.1
     progress: bool | None = None  # None: a bar when stderr is a terminal
@@ -171,14 +171,14 @@ def iter_rows(
     *,
     start: int = 0,
     stop: int | None = None,
-    chunk_rows: int = data_mod.CHUNK_ROWS,
+    chunk_rows: int = criteo.CHUNK_ROWS,
 ) -> Iterator[Rows]:
     """Labelled rows ``start:stop`` of ``paths``, chunk by chunk."""
     cfg = encoder.config
-    for chunk in data_mod.read_criteo(
+    for chunk in criteo.read_criteo(
         paths, cfg.num_dense, cfg.num_sparse, chunk_rows=chunk_rows, start=start, stop=stop, labelled=True
     ):
-        yield rows_from_batch(data_mod.encode_chunk(encoder, chunk), chunk.labels, cfg)
+        yield rows_from_batch(criteo.encode_chunk(encoder, chunk), chunk.labels, cfg)
 
 
 def load_rows(
@@ -234,11 +234,11 @@ def synthetic_data(
 ) -> tuple[str, str]:
     """``(tsv, oracle)`` paths of synthetic data in ``data_dir``, generated unless already there."""
     folder = Path(data_dir)
-    vocab = list(data_mod.vocab_sizes_for(config))
+    vocab = list(synthetic.vocab_sizes_for(config))
     stem = f"synthetic-seed{seed}-rows{rows}-f{config.num_dense}x{config.num_sparse}"
     tsv, oracle, manifest = (folder / (stem + ext) for ext in (".tsv", ".oracle.txt", ".json"))
     want = {
-        "generator": data_mod.GENERATOR_VERSION, "seed": seed, "rows": rows, "num_dense": config.num_dense,
+        "generator": synthetic.GENERATOR_VERSION, "seed": seed, "rows": rows, "num_dense": config.num_dense,
         "vocab_sizes": vocab, "table_sizes": list(config.table_sizes),
     }
     if manifest.is_file() and tsv.is_file() and oracle.is_file():
@@ -252,7 +252,7 @@ def synthetic_data(
     folder.mkdir(parents=True, exist_ok=True)
     manifest.unlink(missing_ok=True)
     log(f"generating {rows} synthetic rows into {tsv}")
-    data_mod.generate(tsv, rows, seed, config=config, oracle=oracle, progress=progress)
+    synthetic.generate(tsv, rows, seed, config=config, oracle=oracle, progress=progress)
     # Written last: a manifest means the data beside it is complete.
     manifest.write_text(json.dumps(want) + "\n", encoding="utf-8")
     return str(tsv), str(oracle)
@@ -287,7 +287,7 @@ def _locate_data(options: TrainOptions, config: DLRMConfig, log: Callable[[str],
     oracle_path = None
     generate_seconds = 0.0
     if options.data:
-        train_paths = data_mod.check_files(options.data, "training data")
+        train_paths = criteo.check_files(options.data, "training data")
         source = "files"
     else:
         t0 = time.perf_counter()
@@ -296,14 +296,14 @@ def _locate_data(options: TrainOptions, config: DLRMConfig, log: Callable[[str],
         train_paths = [tsv]
         source = "synthetic"
     if options.test_data:
-        test_paths = data_mod.check_files(options.test_data, "test data")
-        n_train = data_mod.count_rows(train_paths)
-        n_test = data_mod.count_rows(test_paths)
+        test_paths = criteo.check_files(options.test_data, "test data")
+        n_train = criteo.count_rows(train_paths)
+        n_test = criteo.count_rows(test_paths)
         if n_train < 1 or n_test < 1:
             raise ValueError(f"need training and test rows, got {n_train} and {n_test}")
         return _Data(train_paths, test_paths, (0, None), (0, None), n_train, n_test, source, None)
     # Hold out the last rows: Criteo files are in time order, and so is serving.
-    total = data_mod.count_rows(train_paths)
+    total = criteo.count_rows(train_paths)
     n_test = int(round(total * options.test_fraction))
     n_train = total - n_test
     if n_test < 1 or n_train < 1:
@@ -367,7 +367,7 @@ def train(options: TrainOptions, log: Callable[[str], None] = print) -> dict:
     data_seconds = time.perf_counter() - t0
     oracle = None
     if data.oracle_path is not None:
-        oracle = data_mod.read_oracle(data.oracle_path, data.test_range[0], data.test_range[1])
+        oracle = synthetic.read_oracle(data.oracle_path, data.test_range[0], data.test_range[1])
 
     old_threads = torch.get_num_threads()
     torch.set_num_threads(options.threads)
