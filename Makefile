@@ -8,7 +8,7 @@ GPU ?=
 STAMP := $(VENV)/.installed$(if $(filter 1,$(GPU)),-gpu)
 REQUIREMENTS := $(if $(filter 1,$(GPU)),requirements-gpu.txt,requirements.txt)
 
-.PHONY: setup test serve stop train java bench-decode bench-model bench-serve bench-backends bench-scale soak clean torchrec-venv
+.PHONY: setup test serve stop train java bench-decode bench-model bench-serve bench-backends bench-scale bench-ray soak clean torchrec-venv
 
 setup: $(STAMP)
 
@@ -52,6 +52,10 @@ bench-backends: setup java
 
 bench-scale: setup java
 	$(PY) bench/bench_scale.py
+
+# score --engine ray: 1 vs 2 actors on a two-node local cluster vs the single process (docs/scale.md).
+bench-ray: setup
+	$(PY) bench/bench_ray.py $(BENCH_RAY_ARGS)
 
 # Mixed traffic for SOAK_S seconds (default 600) on a TorchServe it starts from
 # config.properties; fails on any unexpected answer or worker RSS growth > 5%.

@@ -108,7 +108,7 @@ def test_archive_contents_and_settings(model_store):
     # Only what the handler imports: exactly the closure, and none of the tools.
     package = {n for n in names if n.startswith("dlrm_serve/")}
     assert package == set(serving_modules(ROOT / "handler" / "dlrm_handler.py", ROOT))
-    for tool in ["testing/launcher", "offline/train", "model/reference", "cli/__init__", "io/data", "offline/score",
+    for tool in ["testing/launcher", "offline/train", "model/checkpoints/reference", "cli/__init__", "io/data", "offline/score",
                  "model/quantize", "serve/packaging"]:
         assert f"dlrm_serve/{tool}.py" not in names
     assert not [n for n in names if n.startswith("dlrm_serve/client/")]

@@ -648,7 +648,8 @@ def test_grpc_predict_through_a_fake_server(grpc_fake, payload):
         lines = [tsv_line(x) for x in inst]
         np.testing.assert_array_equal(c.predict(lines), expected(inst))
         assert c.ping() == "Healthy"
-    assert len(grpc_fake.inputs) == 4 and all(set(i) == {"data"} for i in grpc_fake.inputs)
+    # "accept" asks for a float32 reply; this fake answers JSON, which the client reads too.
+    assert len(grpc_fake.inputs) == 4 and all(i == {"data": i["data"], "accept": b"application/x-dlrm"} for i in grpc_fake.inputs)
 
 
 def test_grpc_error_body_with_ok_status_raises_invalid_input(grpc_fake):

@@ -81,3 +81,36 @@ def test_server_over_grpc_is_valid(torchserve, demo_artifacts, tmp_path):
     assert summary["Result is"] == "VALID", (result, summary)
     assert float(summary["99.00 percentile latency (ns)"]) <= 60e6
     assert result["errors"] == 0
+
+
+def test_binary_reply_holds_exactly_the_json_replys_probabilities(demo_backend, make_rows):
+    from dlrm_serve.client.payloads import parse_predictions
+    from dlrm_serve.io.features import FeatureEncoder
+    from dlrm_serve.serve.serving import Predictor, Request
+
+    predictor = Predictor(demo_backend)
+    body = make_rows(40, seed=3).binary(FeatureEncoder(demo_backend.config))
+    (as_json, as_bytes), _ = predictor.handle([
+        Request(body, "application/x-dlrm"), Request(body, "application/x-dlrm", accept="application/x-dlrm, */*;q=0.1"),
+    ])
+    assert as_json.content_type == "application/json" and as_bytes.content_type == "application/x-dlrm"
+    assert isinstance(as_bytes.text(), bytes) and as_bytes.text()[:4] == b"DLRP"
+    want = parse_predictions(as_json.text().encode(), 40)
+    np.testing.assert_array_equal(parse_predictions(as_bytes.text(), 40), want)  # float32 both ways: exact
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("transport", ["rest", "grpc"])
+def test_torchserve_answers_float32_bytes_when_asked(torchserve, demo_artifacts, expected, make_rows, transport):
+    from dlrm_serve.client import connect
+
+    rows = make_rows(30, seed=5)
+    with connect(
+        transport, inference_url=torchserve.inference_url, management_url=torchserve.management_url,
+        grpc_target=torchserve.grpc_inference_target, grpc_management_target=torchserve.grpc_management_target,
+        key_file=torchserve.start_dir / "key_file.json", config=demo_artifacts,
+    ) as client:
+        payload = client.encode(rows.instances)
+        raw = client.transport.predict("dlrm", None, payload, client.keys.get("inference"))
+        assert bytes(raw[:4]) == b"DLRP"  # the client asks for float32 bytes by default
+        np.testing.assert_allclose(client.predict(rows.instances), expected(rows.instances), rtol=0, atol=1e-6)

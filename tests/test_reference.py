@@ -18,7 +18,7 @@ import pytest
 import torch
 from torch import nn
 
-from dlrm_serve.model import reference
+from dlrm_serve.model.checkpoints import reference
 from dlrm_serve.artifacts import CONFIG_FILE, METRICS_FILE, load_config, load_model
 from dlrm_serve.runtime.backends import load_backend
 from dlrm_serve.cli import main

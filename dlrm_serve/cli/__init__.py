@@ -16,7 +16,7 @@ import argparse
 import sys
 from typing import Callable
 
-from dlrm_serve.errors import DLRMServeError
+from dlrm_serve.errors import DLRMServeError, InvalidInput
 
 __all__ = ["main", "build_parser"]
 
@@ -69,7 +69,11 @@ def _add_score(sub) -> None:
     from dlrm_serve.runtime.backends import PRECISIONS  # numpy-only at import
 
     p = sub.add_parser("score", help="score a Criteo TSV or JSON-lines file offline, one probability per line")
-    p.add_argument("input", help="Criteo TSV (labelled or not, .gz ok) or JSON lines of instances")
+    p.add_argument(
+        "input", nargs="+",
+        help="Criteo TSV (labelled or not, .gz ok) or JSON lines of instances; with --engine ray also "
+        "Parquet (I1.., C1.., optional label), several files, folders or globs",
+    )
     p.add_argument("--artifacts", default="artifacts")
     p.add_argument("--out", required=True, help="output file, one probability per line")
     p.add_argument("--backend", default="torch", help="torch or onnxruntime")
@@ -79,10 +83,25 @@ def _add_score(sub) -> None:
         "(AMX or AVX512-BF16), else fp32; onnxruntime runs fp32",
     )
     p.add_argument("--batch-rows", type=int, default=4096)
+    ray = p.add_argument_group("--engine ray (docs/scale.md)")
+    ray.add_argument("--engine", choices=("local", "ray"), default="local", help="local: this process; ray: Ray Data actors")
+    ray.add_argument("--address", help="an existing Ray cluster (ray://... or host:port); default: start a local one")
+    ray.add_argument("--actors", type=int, help="actors, each with the model loaded once (default: cluster CPUs / --threads)")
+    ray.add_argument("--threads", type=int, default=1, help="torch threads (and Ray CPUs) per actor")
+    ray.add_argument("--unit-rows", type=int, default=65536, help="rows per Ray task (a retry redoes one task)")
+    ray.add_argument("--on-error", choices=("fail", "skip"), default="fail", help="skip: a bad row is written as NaN and counted")
+    ray.add_argument("--keep-columns", help="comma-separated input columns copied to a Parquet OUT folder")
 
     def run(args):
+        if args.engine == "ray":
+            from dlrm_serve.cli.ray_score import ray_score_command
+
+            return ray_score_command(args)
         from dlrm_serve.cli.score import score_command
 
+        if len(args.input) != 1:
+            raise InvalidInput("score without --engine ray takes one input file")
+        args.input = args.input[0]
         score_command(args)
 
     p.set_defaults(func=run)
@@ -100,7 +119,7 @@ def _add_import(sub) -> None:
     )
 
     def run(args):
-        from dlrm_serve.model.reference import import_checkpoint
+        from dlrm_serve.model.checkpoints.reference import import_checkpoint
 
         op = {None: (None, None), "dot": ("dot", False), "dot-self": ("dot", True), "cat": ("cat", False)}
         interaction, self_interaction = op[args.interaction]
@@ -259,7 +278,11 @@ def _add_explain(sub) -> None:
     p = sub.add_parser(
         "explain", help="explain predictions offline: per-feature attributions (JSON lines), or --global N: a ranking and chart"
     )
-    p.add_argument("input", help="Criteo TSV (labelled or not, .gz ok) or JSON lines of instances")
+    p.add_argument(
+        "input", nargs="+",
+        help="Criteo TSV (labelled or not, .gz ok) or JSON lines of instances; with --engine ray also "
+        "Parquet (I1.., C1.., optional label), several files, folders or globs",
+    )
     p.add_argument("--artifacts", default="artifacts")
     p.add_argument("--out", required=True, help="JSON lines, one explanation per row; with --global, a markdown table")
     p.add_argument(

@@ -22,6 +22,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from dlrm_serve.io.replies import decode_predictions, is_binary_reply
+
 from dlrm_serve.io.codecs import BINARY_CONTENT_TYPE, JSON_CONTENT_TYPE, TSV_CONTENT_TYPE, encode_binary, split_tsv
 from dlrm_serve.config import CRITEO_DENSE, CRITEO_SPARSE, DLRMConfig
 from dlrm_serve.errors import AuthError, DLRMServeError, InvalidInput, ServerError, UsageError
@@ -277,6 +279,14 @@ def parse_predictions(body: bytes, rows: int | None) -> np.ndarray:
     An error body with a success status (gRPC drops per-request status codes,
     so a 400 arrives as an OK answer) raises the same error REST would.
     """
+    if is_binary_reply(body):  # asked for with Accept: application/x-dlrm (gRPC: the input "accept")
+        try:
+            values = decode_predictions(body)
+        except ValueError as e:
+            raise ServerError(str(e)) from None
+        if rows is not None and values.shape[0] != rows:
+            raise ServerError(f"sent {rows} rows but the server answered {values.shape[0]} predictions")
+        return values
     obj = _json_answer(body)
     preds = obj.get("predictions") if isinstance(obj, dict) else None
     if not isinstance(preds, list):

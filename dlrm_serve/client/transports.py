@@ -18,6 +18,9 @@ from typing import Any
 
 from dlrm_serve.errors import AuthError, DLRMServeError, ServerError
 from dlrm_serve.client.payloads import Payload, error_for, error_from_body
+from dlrm_serve.io.replies import ACCEPT_INPUT, BINARY_REPLY_TYPE
+
+BINARY_REPLY_BYTES = BINARY_REPLY_TYPE.encode()
 
 __all__ = [
     "GRPC_TO_HTTP",
@@ -198,7 +201,8 @@ class GrpcTransport:
         self, model: str, version: str | None, payload: Payload, key: str | None, timeout: float | None = None
     ) -> bytes:
         """One prediction; ``timeout`` seconds (default: the transport's)."""
-        return self.predict_inputs(model, version, {"data": payload.body}, key, timeout)
+        # Ask for float32 bytes (dlrm_serve.io.replies); an older server ignores the input.
+        return self.predict_inputs(model, version, {"data": payload.body, ACCEPT_INPUT: BINARY_REPLY_BYTES}, key, timeout)
 
     def predict_inputs(
         self, model: str, version: str | None, inputs: dict[str, bytes], key: str | None, timeout: float | None = None
@@ -337,7 +341,8 @@ class RestTransport:
         """One prediction; ``timeout`` seconds (default: the transport's)."""
         url = f"{self.inference_url}/predictions/{_q(model)}" + (f"/{_q(version)}" if version else "")
         t = self.timeout if timeout is None else timeout
-        r = self._send("POST", url, key, t, data=payload.body, headers={"Content-Type": payload.content_type})
+        headers = {"Content-Type": payload.content_type, "Accept": f"{BINARY_REPLY_TYPE}, application/json;q=0.5"}
+        r = self._send("POST", url, key, t, data=payload.body, headers=headers)
         return r.content
 
     def explain(self, model: str, version: str | None, payload: Payload, key: str | None, method: str | None = None) -> bytes:

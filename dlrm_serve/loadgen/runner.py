@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dlrm_serve.errors import InvalidInput
+from dlrm_serve.errors import UsageError
 from dlrm_serve.loadgen.samples import QuerySet
 
 __all__ = [
@@ -179,7 +179,7 @@ def run_test(
     import mlperf_loadgen as lg
 
     if scenario not in ("offline", "server"):
-        raise InvalidInput(f"scenario must be offline or server, got {scenario!r}")
+        raise UsageError(f"scenario must be offline or server, got {scenario!r}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     settings = _settings(scenario, accuracy, target_qps, latency_ms, duration_ms)
@@ -275,7 +275,7 @@ def _make_sut(kind: str, qset: QuerySet, config, artifacts, model: str, connecti
         from dlrm_serve.loadgen.suts import InProcessSUT
 
         if artifacts is None:
-            raise InvalidInput("the in-process SUT needs the model: pass --artifacts DIR")
+            raise UsageError("the in-process SUT needs the model: pass --artifacts DIR")
         backend = load_backend(artifacts, "torch", precision=precision)
         return InProcessSUT(Predictor(backend, model_name=model), qset)
     if kind in ("rest", "grpc"):
@@ -284,7 +284,7 @@ def _make_sut(kind: str, qset: QuerySet, config, artifacts, model: str, connecti
 
         client = connect(kind, config=config, model=model, payload="binary", concurrency=concurrency, **connection)
         return ClientSUT(client, qset, concurrency=concurrency)
-    raise InvalidInput(f"--sut must be inprocess, rest or grpc, got {kind!r}")
+    raise UsageError(f"--sut must be inprocess, rest or grpc, got {kind!r}")
 
 
 def _in_thread(fn, *args):
@@ -343,12 +343,12 @@ def run_loadgen(
     from dlrm_serve.loadgen.samples import build_query_set, synthetic_data
 
     if scenario not in ("offline", "server"):
-        raise InvalidInput(f"--scenario must be offline or server, got {scenario!r}")
+        raise UsageError(f"--scenario must be offline or server, got {scenario!r}")
     if find_peak_qps and (scenario != "server" or accuracy):
-        raise InvalidInput("--find-peak searches the Server scenario's QPS: use it with --scenario server, without --accuracy")
+        raise UsageError("--find-peak searches the Server scenario's QPS: use it with --scenario server, without --accuracy")
     source = config or artifacts
     if source is None:
-        raise InvalidInput("pass --artifacts DIR (needed in process) or --config DIR / dlrm.json (the served model's)")
+        raise UsageError("pass --artifacts DIR (needed in process) or --config DIR / dlrm.json (the served model's)")
     cfg = load_config(source)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from dlrm_serve.config import DLRMConfig
-from dlrm_serve.errors import InvalidInput
+from dlrm_serve.errors import UsageError
 from dlrm_serve.io.features import FeatureEncoder
 
 __all__ = ["MIN_ROWS", "MAX_ROWS", "sample_sizes", "QuerySet", "build_query_set", "synthetic_data"]
@@ -40,7 +40,7 @@ _SHAPE, _SCALE = 2.0, 85.0
 def sample_sizes(count: int, seed: int = 0) -> np.ndarray:
     """int64 ``[count]`` rows per user, drawn from the stand-in law above."""
     if count <= 0:
-        raise InvalidInput(f"the query set needs at least one sample, got {count}")
+        raise UsageError(f"the query set needs at least one sample, got {count}")
     rng = np.random.default_rng([int(seed), 18])
     sizes = MIN_ROWS + np.rint(rng.gamma(_SHAPE, _SCALE, size=count))
     return np.clip(sizes, MIN_ROWS, MAX_ROWS).astype(np.int64)
@@ -71,7 +71,7 @@ class QuerySet:
 
     def sample_labels(self, index: int) -> np.ndarray:
         if self.labels is None:
-            raise InvalidInput(f"{self.source} has no labels: --accuracy needs a labelled data file")
+            raise UsageError(f"{self.source} has no labels: --accuracy needs a labelled data file")
         s = int(self.starts[index])
         return self.labels[s : s + int(self.sizes[index])]
 
@@ -108,7 +108,7 @@ def build_query_set(
         label_parts.append(chunk.labels)
         got += len(chunk)
     if got < need:
-        raise InvalidInput(f"{data} holds {got} rows; {count} users need {need} (use a bigger file or fewer samples)")
+        raise UsageError(f"{data} holds {got} rows; {count} users need {need} (use a bigger file or fewer samples)")
     dense = np.concatenate(dense_parts)
     sparse = np.concatenate(sparse_parts)
     labels = None if any(l is None for l in label_parts) else np.concatenate(label_parts).astype(np.int8)
