@@ -17,6 +17,11 @@ a killed worker is sent again within seconds.  Keys are renewed shortly
 before they expire, at most about once per key lifetime, and once more when
 the server refuses one (see :mod:`dlrm_serve.client.keys`).
 
+The parts: :mod:`~dlrm_serve.client.retry` (what is sent again, the
+backoff), :class:`~dlrm_serve.client.keys.TokenRenewal`,
+:mod:`~dlrm_serve.client.batching` (:func:`ordered_map`, chunk jobs) and
+:class:`~dlrm_serve.client.management.Management` (the management API).
+
 Use :func:`connect` to build one::
 
     from dlrm_serve.client import connect
@@ -28,22 +33,22 @@ Use :func:`connect` to build one::
 from __future__ import annotations
 
 import os
-import random
 import threading
 import time
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
 from dlrm_serve.artifacts import load_config
 from dlrm_serve.config import DLRMConfig
-from dlrm_serve.errors import AuthError, DLRMServeError, InvalidInput, ServerError, UsageError
+from dlrm_serve.errors import AuthError, DLRMServeError, ServerError, UsageError
 from dlrm_serve.runtime.explain import EXPLAIN_MAX_ROWS
 from dlrm_serve.io.features import FeatureEncoder
 from dlrm_serve.client import payloads
-from dlrm_serve.client.keys import Keys
+from dlrm_serve.client.batching import chunk_job, ordered_map
+from dlrm_serve.client.keys import Keys, TokenRenewal
+from dlrm_serve.client.management import Management
+from dlrm_serve.client.retry import DEFAULT_RETRIES, WORKER_DIED_RETRIES, backoff_s, retry_reason, retryable
 from dlrm_serve.client.payloads import Payload
 from dlrm_serve.client.transports import DEFAULT_MAX_MESSAGE_BYTES, WORKER_DIED, GrpcTransport, RestTransport, fetch_token
 
@@ -62,10 +67,6 @@ __all__ = [
 
 DEFAULT_ROWS_PER_REQUEST = 1024
 DEFAULT_CONCURRENCY = 4
-DEFAULT_RETRIES = 8
-# A request whose worker died this many times is likely what kills it (a
-# poison request): stop sending it, instead of taking down a worker per try.
-WORKER_DIED_RETRIES = 2
 # A prediction's timeout: the floor plus this much per row.  1024 binary rows
 # take about 20 ms of worker time here; the rest covers waiting in a full
 # queue on a busy host.  A lost request is sent again after ~12 s, not 60.
@@ -74,48 +75,7 @@ TIMEOUT_PER_ROW_S = 0.002
 LOOPBACK = "127.0.0.1"
 
 
-def retryable(err: BaseException) -> bool:
-    """Whether a failed prediction may have gone unanswered, so sending it again is right.
-
-    Yes for a full queue or unreachable server (503), a timeout (504) and a
-    worker that died with the request (TorchServe's "Worker died.", REST 507,
-    gRPC ``RESOURCE_EXHAUSTED``).  No for anything the request itself caused
-    (4xx), token refusals (handled apart) and other server errors, which
-    would fail again.
-    """
-    if not isinstance(err, ServerError) or isinstance(err, AuthError):
-        return False
-    return err.status in (503, 504) or WORKER_DIED in err.message.lower()
-
-
-def ordered_map(fn: Callable[[Any], Any], items: Iterable[Any], concurrency: int) -> Iterator[Any]:
-    """``fn`` over ``items`` on ``concurrency`` threads, results in input order.
-
-    At most ``concurrency`` calls are in flight; the next item is taken only
-    when the oldest result has been handed out, so memory stays bounded for
-    an endless input.  The first error (in input order) is raised after the
-    calls already running finish; queued ones are cancelled.
-    """
-    if concurrency <= 1:
-        for item in items:
-            yield fn(item)
-        return
-    pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="dlrm-client")
-    pending: deque = deque()
-    try:
-        for item in items:
-            pending.append(pool.submit(fn, item))
-            if len(pending) >= concurrency:
-                yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
-    finally:
-        for fut in pending:
-            fut.cancel()
-        pool.shutdown(wait=True, cancel_futures=True)
-
-
-class Client:
+class Client(TokenRenewal, Management):
     """Predictions and model management over one transport (gRPC or REST).
 
     - ``transport``: a :class:`~dlrm_serve.client.transports.GrpcTransport` or
@@ -227,51 +187,7 @@ class Client:
             return self.timeout_s
         return self.timeout_floor_s + max(0, rows) * self.timeout_per_row_s
 
-    # ----- tokens and retries -------------------------------------------------
-    def _renew(self, kind: str, refusal: AuthError | None = None) -> None:
-        """Get a new ``kind`` key from the token API and take it up."""
-        api = self.keys.get("api")
-        why = f"{refusal.message}; " if refusal is not None else ""
-        if api is None or self.token_url is None:
-            missing = "the API key" if api is None else "the REST management URL (token_url)"
-            raise AuthError(
-                f"{why}the {kind} key was refused or has expired, and it cannot be renewed without {missing}; "
-                "give the client the server's key_file.json (key_file= or DLRM_SERVE_KEY_FILE)",
-                status=refusal.status if refusal is not None else None,
-            )
-        answer = self._fetch_token(self.token_url, api, kind)
-        self._count("token_renewals")
-        key = _key_in_answer(answer, kind)
-        if key is not None:
-            self.keys.set(kind, key)
-            return
-        if not self.keys.reload():
-            raise AuthError(
-                f"{why}the server issued a new {kind} key but did not send it: TorchServe writes it only "
-                "to key_file.json in its start folder; give the client that file (key_file= or "
-                "DLRM_SERVE_KEY_FILE) to renew keys"
-            )
-
-    def _key(self, kind: str) -> str | None:
-        """The ``kind`` key, renewed first when it expires within the margin."""
-        if self.keys.due(kind, self.token_margin_s):
-            version = self.keys.version
-            with self._token_lock:
-                # Another thread may have renewed it while this one waited.
-                if self.keys.version == version and self.keys.due(kind, self.token_margin_s):
-                    if not self.keys.reload() or self.keys.due(kind, self.token_margin_s):
-                        self._renew(kind)
-        return self.keys.get(kind)
-
-    def _recover(self, kind: str, refused: str | None, version: int, refusal: AuthError) -> None:
-        """After ``refused`` was rejected: take up a newer key, or renew it."""
-        with self._token_lock:
-            if self.keys.version != version and self.keys.get(kind) != refused:
-                return  # renewed by another thread meanwhile
-            if self.keys.reload() and self.keys.get(kind) != refused:
-                return  # somebody renewed it on the server; the key file has it
-            self._renew(kind, refusal)
-
+    # ----- retries ---------------------------------------------------------------
     def _with_retries(self, kind: str, call: Callable[[str | None], Any]) -> Any:
         """``call(key)``, renewing the key once on a refusal and retrying :func:`retryable` failures."""
         attempt = 0
@@ -299,10 +215,9 @@ class Client:
                             "not sent again, it may be what kills it)",
                             status=e.status,
                         ) from None
-                delay = min(self.max_backoff_s, self.backoff_s * (2**attempt))
-                self._sleep(delay * random.uniform(0.5, 1.0))
+                self._sleep(backoff_s(attempt, self.backoff_s, self.max_backoff_s))
                 attempt += 1
-                self._count("retries", _reason(e))
+                self._count("retries", retry_reason(e))
 
     # ----- predictions --------------------------------------------------------
     def _format(self, kind: str) -> str:
@@ -324,20 +239,6 @@ class Client:
                 self.transport.predict(self.model, self.version, payload, key, timeout=timeout), payload.rows
             ),
         )
-
-    def _chunk_job(self, kind: str, fmt: str, total_chunks: int):
-        def job(item: tuple[int, Any]) -> np.ndarray:
-            start, rows = item
-            payload = payloads.encode_rows(rows, kind, fmt, self.encoder, first_row=start)
-            try:
-                return self.send(payload)
-            except InvalidInput as e:
-                if total_chunks == 1:
-                    raise
-                stop = start + payload.rows - 1
-                raise _located(e, f"in the request holding rows {start}..{stop} of the input") from None
-
-        return job
 
     def predict(self, rows: Any = None, *, dense: Any = None, sparse: Any = None, payload: str | None = None) -> np.ndarray:
         """Probabilities (float32 ``[B]``) for ``rows``, in order.
@@ -363,7 +264,7 @@ class Client:
         step = self.rows_per_request
         starts = range(0, n, step)
         chunks = ((s, payloads.slice_rows(rows, kind, s, min(n, s + step))) for s in starts)
-        job = self._chunk_job(kind, fmt, len(starts))
+        job = chunk_job(self.send, self.encoder, kind, fmt, len(starts))
         parts = list(ordered_map(job, chunks, min(self.concurrency, len(starts))))
         return np.concatenate(parts) if len(parts) > 1 else parts[0]
 
@@ -425,112 +326,6 @@ class Client:
     def _manage(self, op: str, *args, **kwargs) -> Any:
         fn = getattr(self.transport, op)
         return self._with_retries("management", lambda key: fn(key, *args, **kwargs))
-
-    def list_models(self, limit: int = 100) -> list[dict]:
-        """Every registered model (``modelName``, ``modelUrl``), all pages."""
-        if limit <= 0:
-            # TorchServe's gRPC ListModels lists nothing with limit 0.
-            raise UsageError(f"limit must be positive, got {limit}")
-        out: list[dict] = []
-        token: int | None = None
-        seen = set()
-        while True:
-            page = self._manage("list_models", limit, token)
-            if not isinstance(page, dict):
-                raise ServerError(f"ListModels answered {str(page)[:200]}")
-            out.extend(page.get("models", []))
-            nxt = page.get("nextPageToken")
-            if nxt in (None, "") or nxt in seen:
-                return out
-            seen.add(nxt)
-            token = int(nxt)
-
-    def describe_model(self, name: str | None = None, version: str | None = None, *, customized: bool = False) -> list[dict]:
-        """TorchServe's description of a model (versions, workers, batch settings)."""
-        return self._manage("describe_model", name or self.model, version, customized)
-
-    def register_model(
-        self,
-        url: str,
-        model_name: str | None = None,
-        *,
-        batch_size: int | None = None,
-        max_batch_delay: int | None = None,
-        initial_workers: int | None = None,
-        synchronous: bool = True,
-        response_timeout: int | None = None,
-        startup_timeout: int | None = None,
-        handler: str | None = None,
-    ) -> Any:
-        """Register an archive (a name in the model store, or a URL TorchServe allows)."""
-        params = dict(
-            url=url,
-            model_name=model_name,
-            batch_size=batch_size,
-            max_batch_delay=max_batch_delay,
-            initial_workers=initial_workers,
-            synchronous=synchronous,
-            response_timeout=response_timeout,
-            startup_timeout=startup_timeout,
-            handler=handler,
-        )
-        return self._manage("register_model", **{k: v for k, v in params.items() if v is not None})
-
-    def scale_workers(
-        self,
-        name: str | None = None,
-        min_worker: int = 1,
-        max_worker: int | None = None,
-        *,
-        version: str | None = None,
-        synchronous: bool = True,
-        timeout: int | None = None,
-    ) -> Any:
-        """Set a model's worker count (``max_worker`` defaults to ``min_worker``)."""
-        params = dict(
-            model_name=name or self.model,
-            model_version=version,
-            min_worker=min_worker,
-            max_worker=max_worker if max_worker is not None else min_worker,
-            synchronous=synchronous,
-            timeout=timeout,
-        )
-        return self._manage("scale_workers", **{k: v for k, v in params.items() if v is not None})
-
-    def set_default(self, name: str, version: str) -> Any:
-        """Make ``version`` the version that unversioned requests reach."""
-        return self._manage("set_default", name, version)
-
-    def unregister_model(self, name: str, version: str | None = None) -> Any:
-        return self._manage("unregister_model", name, version)
-
-
-def _reason(err: ServerError) -> str:
-    """A short name for why a request was sent again (``stats["retry_reasons"]``)."""
-    if err.status == 504:
-        return "timeout"
-    if WORKER_DIED in err.message.lower():
-        return "worker died"
-    return "connection" if "cannot reach" in err.message or "connection" in err.message.lower() else "unavailable"
-
-
-def _located(err: InvalidInput, where: str) -> InvalidInput:
-    out = InvalidInput(f"{err.message} ({where})")
-    out.status = err.status
-    out.server_type = getattr(err, "server_type", None)
-    return out
-
-
-def _key_in_answer(answer: dict | None, kind: str) -> str | None:
-    """A key in the token API's answer, should a TorchServe version send one."""
-    if not isinstance(answer, dict):
-        return None
-    for section in (kind, kind.capitalize(), "API" if kind == "api" else None):
-        entry = answer.get(section) if section else None
-        if isinstance(entry, dict) and isinstance(entry.get("key"), str):
-            return entry["key"]
-    key = answer.get("key")
-    return key if isinstance(key, str) and key else None
 
 
 def connect(

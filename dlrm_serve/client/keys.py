@@ -37,7 +37,7 @@ from typing import Mapping
 
 from dlrm_serve.errors import AuthError, UsageError
 
-__all__ = ["KINDS", "ENV_KEYS", "ENV_KEY_FILE", "RENEW_FRACTION", "Token", "Keys", "parse_expiration", "read_key_file"]
+__all__ = ["KINDS", "ENV_KEYS", "ENV_KEY_FILE", "RENEW_FRACTION", "Token", "Keys", "parse_expiration", "read_key_file", "TokenRenewal", "key_in_answer"]
 
 KINDS = ("inference", "management", "api")
 ENV_KEYS = {
@@ -225,3 +225,67 @@ class Keys:
     def __repr__(self) -> str:  # never print the keys themselves
         kinds = [k for k in KINDS if self.token(k) is not None]
         return f"Keys({', '.join(kinds) or 'none'}, key_file={str(self.key_file) if self.key_file else None})"
+
+
+def key_in_answer(answer: dict | None, kind: str) -> str | None:
+    """A key in the token API's answer, should a TorchServe version send one."""
+    if not isinstance(answer, dict):
+        return None
+    for section in (kind, kind.capitalize(), "API" if kind == "api" else None):
+        entry = answer.get(section) if section else None
+        if isinstance(entry, dict) and isinstance(entry.get("key"), str):
+            return entry["key"]
+    key = answer.get("key")
+    return key if isinstance(key, str) and key else None
+
+
+class TokenRenewal:
+    """Renewing a client's keys: before they expire, and once when the server
+    refuses one.  Mixed into :class:`~dlrm_serve.client.Client`, which provides
+    ``keys``, ``token_url``, ``token_margin_s``, ``_fetch_token``, ``_token_lock``
+    and ``_count``.
+    """
+
+    def _renew(self, kind: str, refusal: AuthError | None = None) -> None:
+        """Get a new ``kind`` key from the token API and take it up."""
+        api = self.keys.get("api")
+        why = f"{refusal.message}; " if refusal is not None else ""
+        if api is None or self.token_url is None:
+            missing = "the API key" if api is None else "the REST management URL (token_url)"
+            raise AuthError(
+                f"{why}the {kind} key was refused or has expired, and it cannot be renewed without {missing}; "
+                "give the client the server's key_file.json (key_file= or DLRM_SERVE_KEY_FILE)",
+                status=refusal.status if refusal is not None else None,
+            )
+        answer = self._fetch_token(self.token_url, api, kind)
+        self._count("token_renewals")
+        key = key_in_answer(answer, kind)
+        if key is not None:
+            self.keys.set(kind, key)
+            return
+        if not self.keys.reload():
+            raise AuthError(
+                f"{why}the server issued a new {kind} key but did not send it: TorchServe writes it only "
+                "to key_file.json in its start folder; give the client that file (key_file= or "
+                "DLRM_SERVE_KEY_FILE) to renew keys"
+            )
+
+    def _key(self, kind: str) -> str | None:
+        """The ``kind`` key, renewed first when it expires within the margin."""
+        if self.keys.due(kind, self.token_margin_s):
+            version = self.keys.version
+            with self._token_lock:
+                # Another thread may have renewed it while this one waited.
+                if self.keys.version == version and self.keys.due(kind, self.token_margin_s):
+                    if not self.keys.reload() or self.keys.due(kind, self.token_margin_s):
+                        self._renew(kind)
+        return self.keys.get(kind)
+
+    def _recover(self, kind: str, refused: str | None, version: int, refusal: AuthError) -> None:
+        """After ``refused`` was rejected: take up a newer key, or renew it."""
+        with self._token_lock:
+            if self.keys.version != version and self.keys.get(kind) != refused:
+                return  # renewed by another thread meanwhile
+            if self.keys.reload() and self.keys.get(kind) != refused:
+                return  # somebody renewed it on the server; the key file has it
+            self._renew(kind, refusal)
